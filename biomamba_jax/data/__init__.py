@@ -1,0 +1,25 @@
+"""Data pipelines: PubMed pretraining shards, the grain loader over them, BioASQ fine-tuning."""
+
+from biomamba_jax.data.pubmed import (
+    DownloadError,
+    PrepareError,
+    PrepareResult,
+    PubmedFileError,
+    PubmedRecord,
+    download_pubmed_baseline,
+    iter_pubmed_file,
+    prepare_pubmed,
+)
+from biomamba_jax.data.synthetic import write_synthetic_pubmed
+
+__all__ = [
+    "DownloadError",
+    "PrepareError",
+    "PrepareResult",
+    "PubmedFileError",
+    "PubmedRecord",
+    "download_pubmed_baseline",
+    "iter_pubmed_file",
+    "prepare_pubmed",
+    "write_synthetic_pubmed",
+]

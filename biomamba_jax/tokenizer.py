@@ -1,0 +1,78 @@
+"""The GPT-NeoX-20B tokenizer that Mamba checkpoints were trained with.
+
+Mamba (state-spaces/mamba-*) uses `<|endoftext|>` (id 0) both as end-of-document and as
+padding, and adds no BOS token. `load_tokenizer` returns a Hugging Face fast tokenizer
+configured that way, whether it comes from a local `tokenizer.json`, a local tokenizer
+directory, or the Hugging Face Hub.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import transformers
+
+DEFAULT_TOKENIZER = "EleutherAI/gpt-neox-20b"
+EOS_TOKEN = "<|endoftext|>"
+EOS_ID = 0
+
+# "owner/name" or "name": what the Hub accepts. Anything else that does not exist locally
+# is almost certainly a mistyped path, and deserves a path error rather than a network one.
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
+
+
+def load_tokenizer(source: str | Path = DEFAULT_TOKENIZER) -> transformers.PreTrainedTokenizerFast:
+    """Load the GPT-NeoX tokenizer with eos = pad = `<|endoftext|>` (id 0) and no BOS.
+
+    `source` is a directory holding `tokenizer.json` (or other Hugging Face tokenizer
+    files), a path to a `tokenizer.json` file, or a Hub id such as
+    "EleutherAI/gpt-neox-20b" or "state-spaces/mamba-130m-hf" (needs network access).
+    """
+    path = Path(source).expanduser()
+    if path.is_file():
+        tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_file=str(path))
+    elif path.is_dir():
+        if (path / "tokenizer.json").is_file():
+            tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_file=str(path / "tokenizer.json"))
+        else:
+            tokenizer = _from_pretrained(str(path), where=f"directory {path}")
+    elif isinstance(source, str) and _HUB_ID.match(source) and not source.endswith(".json"):
+        tokenizer = _from_pretrained(source, where=f"Hugging Face Hub id {source!r}")
+    else:
+        raise FileNotFoundError(
+            f"Tokenizer {str(source)!r} is neither an existing file or directory nor a Hugging Face "
+            "Hub id (owner/name). Pass a path to tokenizer.json, a directory holding it, or a Hub "
+            f"id such as {DEFAULT_TOKENIZER!r}."
+        )
+    return _configure_for_mamba(tokenizer, source)
+
+
+def _from_pretrained(name: str, where: str) -> transformers.PreTrainedTokenizerFast:
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(name, use_fast=True)
+    except (OSError, ValueError) as error:
+        raise OSError(
+            f"Could not load a tokenizer from {where}: {error}\n"
+            "If this machine is offline, pass a local tokenizer.json instead (for example "
+            "../shared/data/tokenizers/gpt-neox-20b/tokenizer.json)."
+        ) from error
+    if not getattr(tokenizer, "is_fast", False):
+        raise TypeError(f"{where} gave a slow tokenizer ({type(tokenizer).__name__}); a fast one is required.")
+    return tokenizer
+
+
+def _configure_for_mamba(tokenizer, source) -> transformers.PreTrainedTokenizerFast:
+    eos_id = tokenizer.convert_tokens_to_ids(EOS_TOKEN)
+    if eos_id != EOS_ID:
+        raise ValueError(
+            f"Tokenizer {str(source)!r} maps {EOS_TOKEN!r} to id {eos_id}, but Mamba checkpoints expect "
+            f"id {EOS_ID}. Is this the GPT-NeoX-20B tokenizer?"
+        )
+    tokenizer.eos_token = EOS_TOKEN
+    tokenizer.pad_token = EOS_TOKEN
+    # Some Hub configs set a BOS; Mamba was trained without one.
+    tokenizer.bos_token = None
+    if hasattr(tokenizer, "add_bos_token"):
+        tokenizer.add_bos_token = False
+    return tokenizer
