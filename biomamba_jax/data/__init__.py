@@ -1,5 +1,6 @@
 """Data pipelines: PubMed pretraining shards, the grain loader over them, BioASQ fine-tuning."""
 
+from biomamba_jax.data.loader import LMBatchIterator, make_lm_loader, read_manifest
 from biomamba_jax.data.pubmed import (
     DownloadError,
     PrepareError,
@@ -14,12 +15,15 @@ from biomamba_jax.data.synthetic import write_synthetic_pubmed
 
 __all__ = [
     "DownloadError",
+    "LMBatchIterator",
     "PrepareError",
     "PrepareResult",
     "PubmedFileError",
     "PubmedRecord",
     "download_pubmed_baseline",
     "iter_pubmed_file",
+    "make_lm_loader",
     "prepare_pubmed",
+    "read_manifest",
     "write_synthetic_pubmed",
 ]
