@@ -201,3 +201,7 @@ def selective_state_update(
     state = decay * state + (delta * u32)[..., None] * B.astype(jnp.float32)[:, None, :]
     y = jnp.einsum("ben,bn->be", state, C.astype(jnp.float32))
     return _finish_output(y, u32, D, z, u.dtype), state
+
+
+# Faster impls live in their own modules and register themselves on import.
+from biomamba_jax import scan_chunked  # noqa: E402,F401  (registers "chunked")
