@@ -1,5 +1,16 @@
 """Data pipelines: PubMed pretraining shards, the grain loader over them, BioASQ fine-tuning."""
 
+from biomamba_jax.data.bioasq import (
+    PROMPT_TEMPLATE,
+    BioASQFormatError,
+    BioASQQuestion,
+    BioASQSet,
+    encode_example,
+    encode_examples,
+    load_bioasq,
+    normalise_exact_answer,
+    pad_batch,
+)
 from biomamba_jax.data.loader import LMBatchIterator, make_lm_loader, read_manifest
 from biomamba_jax.data.pubmed import (
     DownloadError,
@@ -14,6 +25,15 @@ from biomamba_jax.data.pubmed import (
 from biomamba_jax.data.synthetic import write_synthetic_pubmed
 
 __all__ = [
+    "PROMPT_TEMPLATE",
+    "BioASQFormatError",
+    "BioASQQuestion",
+    "BioASQSet",
+    "encode_example",
+    "encode_examples",
+    "load_bioasq",
+    "normalise_exact_answer",
+    "pad_batch",
     "DownloadError",
     "LMBatchIterator",
     "PrepareError",
