@@ -1,0 +1,241 @@
+"""Mamba-1 language model in Flax NNX: mixer, block, LM, and the recurrent decode cache.
+
+Shape letters used in comments:
+    B batch, L length, D d_model, E d_inner, N d_state, K conv width, R dt_rank, V vocab,
+    Y layers.
+
+Numerics: parameters are fp32. Matmuls and the conv run in `config.dtype` (bf16 on
+accelerators). A_log, D, the dt bias, the norms, the residual stream and the scan state
+stay fp32 whatever the compute dtype, as in mamba_ssm.
+
+Layers are created stacked (every parameter has a leading Y axis) and run under
+`jax.lax.scan`, so compile time does not grow with depth and remat is one decorator.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from .config import MambaConfig
+from .scan import selective_scan, selective_state_update
+
+__all__ = ["MambaCache", "MambaMixer", "MambaBlock", "MambaLM", "RMSNorm"]
+
+
+class MambaCache(NamedTuple):
+    """Recurrent state of every layer: the conv window and the fp32 SSM state."""
+
+    conv_state: jax.Array  # (Y, B, E, K) last K pre-conv inputs, newest last
+    ssm_state: jax.Array  # (Y, B, E, N) fp32
+
+
+_REMAT_POLICIES = {
+    "full": None,  # save nothing inside a layer, recompute it in the backward pass
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, eps: float):
+        self.weight = nnx.Param(jnp.ones((dim,), jnp.float32))
+        self.eps = eps
+
+    def __call__(self, x):
+        x = x.astype(jnp.float32)
+        scale = jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps)
+        return x * scale * self.weight[...]
+
+
+def _dt_bias_init(config: MambaConfig, key) -> jax.Array:
+    """Inverse softplus of dt ~ logU(dt_min, dt_max), so softplus(bias) starts there."""
+    log_dt = jax.random.uniform(
+        key, (config.d_inner,), minval=math.log(config.dt_min), maxval=math.log(config.dt_max)
+    )
+    dt = jnp.maximum(jnp.exp(log_dt), config.dt_init_floor)
+    return dt + jnp.log(-jnp.expm1(-dt))
+
+
+class MambaMixer(nnx.Module):
+    """The selective-SSM mixer of one Mamba-1 block."""
+
+    def __init__(self, config: MambaConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        c = config
+        dtype = jnp.dtype(c.dtype)
+        linear = dict(dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+        self.in_proj = nnx.Linear(c.d_model, 2 * c.d_inner, use_bias=c.proj_bias, **linear)
+        self.conv1d = nnx.Conv(
+            c.d_inner, c.d_inner, kernel_size=(c.d_conv,), feature_group_count=c.d_inner,
+            padding=((c.d_conv - 1, 0),), use_bias=c.conv_bias, **linear,
+        )
+        self.x_proj = nnx.Linear(c.d_inner, c.dt_rank + 2 * c.d_state, use_bias=False, **linear)
+        dt_std = c.dt_scale * c.dt_rank**-0.5
+        self.dt_proj = nnx.Linear(
+            c.dt_rank, c.d_inner, use_bias=True,
+            kernel_init=nnx.initializers.uniform(2 * dt_std), **linear,
+        )
+        # uniform(s) samples [0, s): shift to [-dt_std, dt_std) as mamba_ssm does.
+        self.dt_proj.kernel[...] = self.dt_proj.kernel[...] - dt_std
+        self.dt_proj.bias[...] = _dt_bias_init(c, rngs.params())
+        self.A_log = nnx.Param(
+            jnp.log(jnp.broadcast_to(jnp.arange(1, c.d_state + 1, dtype=jnp.float32), (c.d_inner, c.d_state)))
+        )
+        self.D = nnx.Param(jnp.ones((c.d_inner,), jnp.float32))
+        self.out_proj = nnx.Linear(c.d_inner, c.d_model, use_bias=c.proj_bias, **linear)
+
+    def _ssm_inputs(self, x):
+        """x_proj, then dt through dt_proj's weight; the dt bias is added in fp32 later."""
+        c = self.config
+        x_dbl = self.x_proj(x)
+        dt, B, C = jnp.split(x_dbl, [c.dt_rank, c.dt_rank + c.d_state], axis=-1)
+        delta = dt @ self.dt_proj.kernel[...].astype(dt.dtype)
+        return delta, B, C
+
+    def __call__(self, hidden, mask=None, *, return_cache: bool = False):
+        """hidden (B, L, D) -> (B, L, D); with `return_cache` also the layer's
+        (conv_state (B, E, K), ssm_state (B, E, N))."""
+        c = self.config
+        dtype = jnp.dtype(c.dtype)
+        x, z = jnp.split(self.in_proj(hidden.astype(dtype)), 2, axis=-1)  # (B, L, E) each
+        if mask is not None:
+            # Zero padded inputs before the conv so they add nothing to real tokens' windows.
+            x = x * mask[..., None].astype(dtype)
+        pre_conv = x
+        x = jax.nn.silu(self.conv1d(x))
+        delta, B, C = self._ssm_inputs(x)
+        y, ssm_state = selective_scan(
+            x, delta, -jnp.exp(self.A_log[...]), B, C, self.D[...], z,
+            delta_bias=self.dt_proj.bias[...], delta_softplus=True,
+            return_final_state=True, mask=mask, impl=c.scan_impl,
+        )
+        out = self.out_proj(y)
+        if not return_cache:
+            return out
+        # The conv window after the prompt: its last K pre-conv inputs, zero-padded on the left.
+        window = jnp.pad(pre_conv, ((0, 0), (max(c.d_conv - pre_conv.shape[1], 0), 0), (0, 0)))
+        conv_state = jnp.swapaxes(window[:, -c.d_conv:], 1, 2)  # (B, E, K)
+        return out, (conv_state, ssm_state)
+
+    def step(self, hidden, conv_state, ssm_state):
+        """One token: hidden (B, D) -> (B, D), with the updated (conv_state, ssm_state)."""
+        c = self.config
+        dtype = jnp.dtype(c.dtype)
+        x, z = jnp.split(self.in_proj(hidden.astype(dtype)), 2, axis=-1)  # (B, E)
+        conv_state = jnp.concatenate([conv_state[..., 1:], x[..., None].astype(conv_state.dtype)], axis=-1)
+        kernel = self.conv1d.kernel[...][:, 0, :].T.astype(dtype)  # (E, K)
+        x = jnp.sum(conv_state.astype(dtype) * kernel, axis=-1)
+        if c.conv_bias:
+            x = x + self.conv1d.bias[...].astype(dtype)
+        x = jax.nn.silu(x)
+        delta, B, C = self._ssm_inputs(x)
+        y, ssm_state = selective_state_update(
+            ssm_state, x, delta, -jnp.exp(self.A_log[...]), B, C, self.D[...], z,
+            delta_bias=self.dt_proj.bias[...], delta_softplus=True,
+        )
+        return self.out_proj(y), conv_state, ssm_state
+
+
+class MambaBlock(nnx.Module):
+    """Pre-norm residual block: h + mixer(rmsnorm(h)), with h kept in fp32."""
+
+    def __init__(self, config: MambaConfig, *, rngs: nnx.Rngs):
+        self.norm = RMSNorm(config.d_model, config.norm_eps)
+        self.mixer = MambaMixer(config, rngs=rngs)
+
+    def __call__(self, hidden, mask=None, *, return_cache: bool = False):
+        if return_cache:
+            out, cache = self.mixer(self.norm(hidden), mask, return_cache=True)
+            return hidden + out.astype(jnp.float32), cache
+        return hidden + self.mixer(self.norm(hidden), mask).astype(jnp.float32)
+
+    def step(self, hidden, conv_state, ssm_state):
+        out, conv_state, ssm_state = self.mixer.step(self.norm(hidden), conv_state, ssm_state)
+        return hidden + out.astype(jnp.float32), conv_state, ssm_state
+
+
+class MambaLM(nnx.Module):
+    """Mamba-1 causal language model (`MambaForCausalLM` / `MambaLMHeadModel`)."""
+
+    def __init__(self, config: MambaConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        c = config
+        self.embedding = nnx.Embed(
+            c.vocab_size, c.d_model, dtype=jnp.float32, param_dtype=jnp.float32,
+            embedding_init=nnx.initializers.normal(c.initializer_range), rngs=rngs,
+        )
+
+        @nnx.split_rngs(splits=c.n_layer)
+        @nnx.vmap(in_axes=(0,), out_axes=0)
+        def make_stacked_blocks(rngs):
+            return MambaBlock(c, rngs=rngs)
+
+        self.layers = make_stacked_blocks(rngs)
+        self.norm_f = RMSNorm(c.d_model, c.norm_eps)
+        if not c.tie_embeddings:
+            self.lm_head = nnx.Linear(
+                c.d_model, c.vocab_size, use_bias=False, dtype=jnp.dtype(c.dtype),
+                param_dtype=jnp.float32, rngs=rngs,
+            )
+
+    # --------------------------------------------------------------- internals
+    def _logits(self, hidden):
+        hidden = self.norm_f(hidden).astype(jnp.dtype(self.config.dtype))
+        if self.config.tie_embeddings:
+            return hidden @ self.embedding.embedding[...].astype(hidden.dtype).T
+        return self.lm_head(hidden)
+
+    def _run_layers(self, hidden, mask, return_cache):
+        graphdef, layer_state = nnx.split(self.layers)
+
+        def one_layer(hidden, state):
+            block = nnx.merge(graphdef, state)
+            if return_cache:
+                return block(hidden, mask, return_cache=True)
+            return block(hidden, mask), None
+
+        if self.config.remat != "none":
+            one_layer = jax.checkpoint(one_layer, policy=_REMAT_POLICIES[self.config.remat])
+        return jax.lax.scan(one_layer, hidden, layer_state)
+
+    # ------------------------------------------------------------------ public
+    def __call__(self, input_ids, attention_mask=None):
+        """input_ids (B, L) int -> logits (B, L, V) in the compute dtype.
+
+        `attention_mask` (B, L): 0 marks padding, which leaves the state untouched.
+        """
+        hidden = self.embedding(input_ids)
+        hidden, _ = self._run_layers(hidden, attention_mask, return_cache=False)
+        return self._logits(hidden)
+
+    def prefill(self, input_ids, attention_mask=None):
+        """Parallel forward over a (left-padded) prompt; returns (logits, MambaCache)."""
+        hidden = self.embedding(input_ids)
+        hidden, (conv_state, ssm_state) = self._run_layers(hidden, attention_mask, return_cache=True)
+        return self._logits(hidden), MambaCache(conv_state, ssm_state)
+
+    def step(self, token_ids, cache: MambaCache):
+        """One decode step: token_ids (B,) -> (logits (B, V), updated cache)."""
+        graphdef, layer_state = nnx.split(self.layers)
+
+        def one_layer(hidden, per_layer):
+            state, conv_state, ssm_state = per_layer
+            hidden, conv_state, ssm_state = nnx.merge(graphdef, state).step(hidden, conv_state, ssm_state)
+            return hidden, (conv_state, ssm_state)
+
+        hidden = self.embedding(token_ids)
+        hidden, (conv_state, ssm_state) = jax.lax.scan(
+            one_layer, hidden, (layer_state, cache.conv_state, cache.ssm_state)
+        )
+        return self._logits(hidden), MambaCache(conv_state, ssm_state)
+
+    def init_cache(self, batch_size: int) -> MambaCache:
+        c = self.config
+        return MambaCache(
+            conv_state=jnp.zeros((c.n_layer, batch_size, c.d_inner, c.d_conv), jnp.dtype(c.dtype)),
+            ssm_state=jnp.zeros((c.n_layer, batch_size, c.d_inner, c.d_state), jnp.float32),
+        )

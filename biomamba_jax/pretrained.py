@@ -1,0 +1,293 @@
+"""Checkpoint directories: load any Mamba-1 checkpoint into JAX, and write it back out.
+
+Formats, recognised by their files:
+- native (this project): `biomamba_config.json` + `model.safetensors` in the JAX layout;
+- transformers `MambaForCausalLM`: `config.json` with `hidden_size` + `model.safetensors`,
+  sharded safetensors (`model.safetensors.index.json`) or `pytorch_model.bin`;
+- original mamba_ssm: `config.json` with `d_model`/`n_layer` + `pytorch_model.bin`;
+- a Hugging Face Hub id such as `state-spaces/mamba-130m-hf`, fetched when online.
+
+Safetensors are read with numpy. Torch is imported only for `.bin` files, which are
+loaded with `weights_only=True`. Every writer builds its output under a temporary name and
+renames it into place, so a failure leaves no partial directory behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator, Union
+
+import numpy as np
+from flax import nnx
+from safetensors.numpy import load_file as load_safetensors
+from safetensors.numpy import save_file as save_safetensors
+
+from .config import ConfigError, MambaConfig
+from .convert import HF, MAMBA_SSM, ConversionError, jax_to_torch_state, torch_to_jax_params
+from .model import MambaLM
+
+__all__ = [
+    "from_pretrained",
+    "load_checkpoint",
+    "save_pretrained",
+    "export_hf",
+    "export_mamba_ssm",
+    "model_params",
+    "NATIVE",
+]
+
+NATIVE = "native"
+NATIVE_CONFIG = "biomamba_config.json"
+WEIGHTS = "model.safetensors"
+SHARD_INDEX = "model.safetensors.index.json"
+TORCH_BIN = "pytorch_model.bin"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+PathLike = Union[str, Path]
+
+
+# ------------------------------------------------------------------ params <-> model
+def model_params(model: MambaLM) -> dict:
+    """The model's parameters as a plain nested dict of arrays (the tree converters see)."""
+    return nnx.state(model, nnx.Param).to_pure_dict()
+
+
+def model_from_params(config: MambaConfig, params: dict) -> MambaLM:
+    """Build a model from a nested params dict without running the random initialiser."""
+    model = nnx.eval_shape(lambda: MambaLM(config, rngs=nnx.Rngs(0)))
+    state = nnx.state(model, nnx.Param)
+    nnx.replace_by_pure_dict(state, jax_tree_from_numpy(params))
+    nnx.update(model, state)
+    return model
+
+
+def jax_tree_from_numpy(params: dict) -> dict:
+    import jax.numpy as jnp
+
+    return {k: jax_tree_from_numpy(v) if isinstance(v, dict) else jnp.asarray(v, jnp.float32)
+            for k, v in params.items()}
+
+
+# --------------------------------------------------------------------------- reading
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ConfigError(f"cannot read {path}: {err}") from err
+
+
+def _read_torch_bin(path: Path) -> dict[str, np.ndarray]:
+    try:
+        import torch
+    except ImportError as err:  # pragma: no cover - depends on the environment
+        raise ImportError(
+            f"{path} is a PyTorch pickle; install torch (pip install 'biomamba-jax[torch]') "
+            "or convert it to safetensors"
+        ) from err
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise ConversionError(f"cannot read PyTorch checkpoint {path}: {err}") from err
+    if not isinstance(state, dict):
+        raise ConversionError(f"{path} holds a {type(state).__name__}, not a state dict")
+    return {k: v.detach().float().numpy() for k, v in state.items()}
+
+
+def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
+    try:
+        return load_safetensors(str(path))
+    except Exception as err:
+        raise ConversionError(f"cannot read safetensors file {path}: {err}") from err
+
+
+def _read_weights(directory: Path) -> dict[str, np.ndarray]:
+    if (directory / SHARD_INDEX).exists():
+        index = _read_json(directory / SHARD_INDEX)
+        tensors: dict[str, np.ndarray] = {}
+        for shard in sorted(set(index.get("weight_map", {}).values())):
+            tensors.update(_read_safetensors(directory / shard))
+        if not tensors:
+            raise ConversionError(f"{directory / SHARD_INDEX} lists no weight shards")
+        return tensors
+    if (directory / WEIGHTS).exists():
+        return _read_safetensors(directory / WEIGHTS)
+    if (directory / TORCH_BIN).exists():
+        return _read_torch_bin(directory / TORCH_BIN)
+    raise ConversionError(
+        f"no weights in {directory}: expected {WEIGHTS}, {SHARD_INDEX} or {TORCH_BIN}"
+    )
+
+
+def detect_format(directory: Path) -> str:
+    if (directory / NATIVE_CONFIG).exists():
+        return NATIVE
+    config_path = directory / "config.json"
+    if not config_path.exists():
+        raise ConversionError(
+            f"{directory} is not a Mamba checkpoint: it has neither {NATIVE_CONFIG} nor config.json"
+        )
+    values = _read_json(config_path)
+    if "hidden_size" in values:
+        return HF
+    if "d_model" in values:
+        return MAMBA_SSM
+    raise ConversionError(
+        f"{config_path} is neither a transformers Mamba config (hidden_size) nor a "
+        "mamba_ssm config (d_model, n_layer)"
+    )
+
+
+def resolve_source(source: PathLike) -> Path:
+    """A local directory as is; a Hub id downloaded (config, weights, tokenizer files)."""
+    path = Path(source).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ConversionError(f"{path} is a file; pass the checkpoint directory that holds it")
+        return path
+    if _HUB_ID.match(str(source)):
+        from huggingface_hub import snapshot_download
+
+        try:
+            return Path(snapshot_download(
+                str(source),
+                allow_patterns=["*.json", "*.safetensors", "*.bin", "*.txt", "*.model"],
+            ))
+        except Exception as err:
+            raise ConversionError(
+                f"could not fetch {source!r} from the Hugging Face Hub ({type(err).__name__}: "
+                f"{err}). Offline? Download it elsewhere and pass the local directory."
+            ) from err
+    raise ConversionError(f"no such checkpoint directory: {source}")
+
+
+def load_checkpoint(source: PathLike, **runtime) -> tuple[MambaConfig, dict, str]:
+    """Read a checkpoint of any supported format: (config, nested numpy params, format).
+
+    `runtime` overrides run-time config fields (dtype, scan_impl, remat).
+    """
+    directory = resolve_source(source)
+    fmt = detect_format(directory)
+    if fmt == NATIVE:
+        config = MambaConfig.from_dict({**_read_json(directory / NATIVE_CONFIG), **runtime})
+        flat = _read_safetensors(directory / WEIGHTS)
+        params: dict = {}
+        for key, value in flat.items():
+            node = params
+            *parents, leaf = key.split(".")
+            for name in parents:
+                node = node.setdefault(name, {})
+            node[leaf] = value
+        # Check the tree through the same table the PyTorch formats use.
+        jax_to_torch_state(params, config, HF)
+        return config, params, fmt
+    tensors = _read_weights(directory)
+    values = _read_json(directory / "config.json")
+    if fmt == HF:
+        config = MambaConfig.from_hf_dict(values, **runtime)
+    else:
+        embedding = tensors.get("backbone.embedding.weight")
+        if embedding is None:
+            raise ConversionError(f"mamba_ssm checkpoint {directory} lacks backbone.embedding.weight")
+        config = MambaConfig.from_mamba_ssm_dict(values, vocab_rows=embedding.shape[0], **runtime)
+    return config, torch_to_jax_params(tensors, config, fmt), fmt
+
+
+def from_pretrained(source: PathLike, **runtime) -> MambaLM:
+    """Load a JAX `MambaLM` from any supported directory or Hub id."""
+    config, params, _ = load_checkpoint(source, **runtime)
+    return model_from_params(config, params)
+
+
+# --------------------------------------------------------------------------- writing
+@contextlib.contextmanager
+def _atomic_directory(destination: PathLike, overwrite: bool) -> Iterator[Path]:
+    """Yield a temporary sibling directory; rename it to `destination` on success only."""
+    destination = Path(destination)
+    if destination.exists() and not overwrite:
+        raise FileExistsError(f"{destination} exists; pass overwrite=True (--overwrite) to replace it")
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.tmp-", dir=destination.parent))
+    try:
+        yield staging
+        if destination.exists():
+            shutil.rmtree(destination)
+        os.replace(staging, destination)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _write_json(path: Path, values: dict) -> None:
+    path.write_text(json.dumps(values, indent=2, sort_keys=True) + "\n")
+
+
+def _params_of(model_or_params) -> dict:
+    if isinstance(model_or_params, MambaLM):
+        return model_params(model_or_params)
+    return model_or_params
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, np.ndarray]:
+    flat = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flatten(value, name + "."))
+        else:
+            flat[name] = np.ascontiguousarray(np.asarray(value, np.float32))
+    return flat
+
+
+def save_pretrained(model_or_params, config: MambaConfig, destination: PathLike, *, overwrite=False) -> Path:
+    """Write the native JAX directory: biomamba_config.json + model.safetensors."""
+    params = _params_of(model_or_params)
+    jax_to_torch_state(params, config, HF)  # validates shapes before anything is written
+    with _atomic_directory(destination, overwrite) as staging:
+        _write_json(staging / NATIVE_CONFIG, config.to_dict())
+        save_safetensors(_flatten(params), str(staging / WEIGHTS), metadata={"format": "flax"})
+    return Path(destination)
+
+
+def export_hf(model_or_params, config: MambaConfig, destination: PathLike, *, overwrite=False,
+              extra_files: dict[str, Path] | None = None) -> Path:
+    """Write a `MambaForCausalLM.from_pretrained`-loadable directory (safetensors, fp32)."""
+    tensors = jax_to_torch_state(_params_of(model_or_params), config, HF)
+    with _atomic_directory(destination, overwrite) as staging:
+        _write_json(staging / "config.json", {**config.to_hf_dict(), "torch_dtype": "float32"})
+        save_safetensors(tensors, str(staging / WEIGHTS), metadata={"format": "pt"})
+        for name, source in (extra_files or {}).items():
+            shutil.copyfile(source, staging / name)
+    return Path(destination)
+
+
+def export_mamba_ssm(model_or_params, config: MambaConfig, destination: PathLike, *, overwrite=False) -> Path:
+    """Write a `MambaLMHeadModel.from_pretrained`-loadable directory (pytorch_model.bin).
+
+    Both tied keys are present and share storage, as mamba_ssm saves them; the vocabulary
+    is padded to `pad_vocab_size_multiple` rows.
+    """
+    import torch
+
+    tensors = jax_to_torch_state(_params_of(model_or_params), config, MAMBA_SSM)
+    multiple = config.pad_vocab_size_multiple
+    embedding = tensors["backbone.embedding.weight"]
+    pad_rows = (-embedding.shape[0]) % multiple if multiple > 1 else 0
+    state = {k: torch.from_numpy(np.array(v)) for k, v in tensors.items() if k != "lm_head.weight"}
+    if pad_rows:
+        state["backbone.embedding.weight"] = torch.nn.functional.pad(
+            state["backbone.embedding.weight"], (0, 0, 0, pad_rows)
+        )
+    if config.tie_embeddings:
+        state["lm_head.weight"] = state["backbone.embedding.weight"]
+    else:
+        state["lm_head.weight"] = torch.from_numpy(np.array(tensors["lm_head.weight"]))
+    ms_config = {**config.to_mamba_ssm_dict(), "vocab_size": embedding.shape[0] + pad_rows}
+    with _atomic_directory(destination, overwrite) as staging:
+        _write_json(staging / "config.json", ms_config)
+        torch.save(state, staging / TORCH_BIN)
+    return Path(destination)
