@@ -167,11 +167,17 @@ class MambaConfig:
         Only keys that both mamba_ssm 1.x and 2.x accept: its loader passes every key to a
         dataclass, so an unknown key breaks loading.
         """
+        # ssm_cfg holds the mixer's arguments; without the non-default ones a model with,
+        # say, d_state 8 would be read back (and built by mamba_ssm) with d_state 16.
+        mixer = {"d_state": self.d_state, "d_conv": self.d_conv, "expand": self.expand,
+                 "dt_rank": self.dt_rank, "conv_bias": self.conv_bias, "bias": self.proj_bias}
+        defaults = {"d_state": 16, "d_conv": 4, "expand": 2, "dt_rank": math.ceil(self.d_model / 16),
+                    "conv_bias": True, "bias": False}
         return {
             "d_model": self.d_model,
             "n_layer": self.n_layer,
             "vocab_size": self.vocab_size,
-            "ssm_cfg": {},
+            "ssm_cfg": {k: v for k, v in mixer.items() if v != defaults[k]},
             "rms_norm": True,
             "residual_in_fp32": True,
             "fused_add_norm": True,

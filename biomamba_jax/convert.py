@@ -133,6 +133,11 @@ def torch_to_jax_params(
     params: dict = {}
     for rule in rules:
         layers = range(config.n_layer) if rule.per_layer else [None]
+        want = shapes[rule.jax_path]
+        # Checked per tensor, in the PyTorch layout, before any transpose or stack: one bad
+        # layer must give this message, not a numpy error from np.stack or transpose.
+        want_one = want[1:] if rule.per_layer else want
+        want_torch = rule.layout.apply(np.broadcast_to(np.float32(0), want_one)).shape
         arrays = []
         for layer in layers:
             key = rule.key_for(fmt, layer)
@@ -141,17 +146,16 @@ def torch_to_jax_params(
                     f"checkpoint is missing tensor {key!r} (needed for {'.'.join(rule.jax_path)}); "
                     f"is it a {fmt} Mamba-1 checkpoint with {config.n_layer} layers?"
                 )
+            array = np.asarray(tensors[key])
+            if tuple(array.shape) != tuple(want_torch):
+                raise ConversionError(
+                    f"tensor {key!r} has shape {tuple(array.shape)} but the config implies "
+                    f"{tuple(want_torch)} (JAX {'.'.join(rule.jax_path)} {want}): "
+                    "config.json and weights disagree"
+                )
             used.add(key)
-            arrays.append(rule.layout.apply(np.asarray(tensors[key])))
+            arrays.append(rule.layout.apply(array))
         value = np.stack(arrays) if rule.per_layer else arrays[0]
-        want = shapes[rule.jax_path]
-        if tuple(value.shape) != want:
-            got_torch = tuple(np.asarray(tensors[rule.key_for(fmt, 0 if rule.per_layer else None)]).shape)
-            raise ConversionError(
-                f"tensor {rule.key_for(fmt, 0 if rule.per_layer else None)!r} has shape {got_torch} "
-                f"(JAX layout {tuple(value.shape)}) but the config implies {want} for "
-                f"{'.'.join(rule.jax_path)}: config.json and weights disagree"
-            )
         _set_path(params, rule.jax_path, value.astype(np.float32))
     unexpected = sorted(set(tensors) - used - ({TIED_HEAD_KEY} if config.tie_embeddings else set()))
     if unexpected:
@@ -171,7 +175,13 @@ def jax_to_torch_state(params: Mapping, config: MambaConfig, fmt: str = HF) -> d
     shapes = expected_param_shapes(config)
     tensors: dict[str, np.ndarray] = {}
     for rule in _active_rules(config, shapes):
-        value = np.asarray(_get_path(params, rule.jax_path))
+        try:
+            value = np.asarray(_get_path(params, rule.jax_path))
+        except (KeyError, TypeError):
+            raise ConversionError(
+                f"parameters lack {'.'.join(rule.jax_path)} (shape {shapes[rule.jax_path]} "
+                "expected from the config)"
+            ) from None
         if tuple(value.shape) != shapes[rule.jax_path]:
             raise ConversionError(
                 f"parameter {'.'.join(rule.jax_path)} has shape {tuple(value.shape)}, "

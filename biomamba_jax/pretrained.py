@@ -243,13 +243,27 @@ def _flatten(tree: dict, prefix: str = "") -> dict[str, np.ndarray]:
     return flat
 
 
-def save_pretrained(model_or_params, config: MambaConfig, destination: PathLike, *, overwrite=False) -> Path:
-    """Write the native JAX directory: biomamba_config.json + model.safetensors."""
+def _copy_extra_files(staging: Path, extra_files: dict[str, Path] | None) -> None:
+    """Copy files that travel with the weights (tokenizer files) into the staging dir."""
+    for name, source in (extra_files or {}).items():
+        if Path(name).name != name or (staging / name).exists():
+            raise ValueError(f"extra file name {name!r} must be a bare name not already written")
+        shutil.copyfile(source, staging / name)
+
+
+def save_pretrained(model_or_params, config: MambaConfig, destination: PathLike, *, overwrite=False,
+                    extra_files: dict[str, Path] | None = None) -> Path:
+    """Write the native JAX directory: biomamba_config.json + model.safetensors.
+
+    `extra_files` maps a file name in the directory to a source path (e.g. tokenizer files),
+    copied inside the same atomic write.
+    """
     params = _params_of(model_or_params)
     jax_to_torch_state(params, config, HF)  # validates shapes before anything is written
     with _atomic_directory(destination, overwrite) as staging:
         _write_json(staging / NATIVE_CONFIG, config.to_dict())
         save_safetensors(_flatten(params), str(staging / WEIGHTS), metadata={"format": "flax"})
+        _copy_extra_files(staging, extra_files)
     return Path(destination)
 
 
@@ -260,12 +274,12 @@ def export_hf(model_or_params, config: MambaConfig, destination: PathLike, *, ov
     with _atomic_directory(destination, overwrite) as staging:
         _write_json(staging / "config.json", {**config.to_hf_dict(), "torch_dtype": "float32"})
         save_safetensors(tensors, str(staging / WEIGHTS), metadata={"format": "pt"})
-        for name, source in (extra_files or {}).items():
-            shutil.copyfile(source, staging / name)
+        _copy_extra_files(staging, extra_files)
     return Path(destination)
 
 
-def export_mamba_ssm(model_or_params, config: MambaConfig, destination: PathLike, *, overwrite=False) -> Path:
+def export_mamba_ssm(model_or_params, config: MambaConfig, destination: PathLike, *, overwrite=False,
+                     extra_files: dict[str, Path] | None = None) -> Path:
     """Write a `MambaLMHeadModel.from_pretrained`-loadable directory (pytorch_model.bin).
 
     Both tied keys are present and share storage, as mamba_ssm saves them; the vocabulary
@@ -285,9 +299,15 @@ def export_mamba_ssm(model_or_params, config: MambaConfig, destination: PathLike
     if config.tie_embeddings:
         state["lm_head.weight"] = state["backbone.embedding.weight"]
     else:
-        state["lm_head.weight"] = torch.from_numpy(np.array(tensors["lm_head.weight"]))
+        state["lm_head.weight"] = torch.nn.functional.pad(
+            torch.from_numpy(np.array(tensors["lm_head.weight"])), (0, 0, 0, pad_rows)
+        )
     ms_config = {**config.to_mamba_ssm_dict(), "vocab_size": embedding.shape[0] + pad_rows}
+    if not config.tie_embeddings:
+        # Only mamba_ssm 2.x knows this key, but without it the head would be read as tied.
+        ms_config["tie_embeddings"] = False
     with _atomic_directory(destination, overwrite) as staging:
         _write_json(staging / "config.json", ms_config)
         torch.save(state, staging / TORCH_BIN)
+        _copy_extra_files(staging, extra_files)
     return Path(destination)

@@ -1,0 +1,84 @@
+"""Command-line converters between PyTorch Mamba-1 checkpoints and the native JAX format.
+
+`torch_to_jax.main(argv)` and `jax_to_torch.main(argv)` hold the command-line logic so
+tests call them in-process; the conversion itself lives in `biomamba_jax.pretrained`.
+This module holds what both commands share: the progress and summary lines, the
+tokenizer files that travel with a checkpoint, and the error-to-exit-code rule.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from biomamba_jax.config import ConfigError, MambaConfig
+from biomamba_jax.convert import CONVERSION_TABLE, ConversionError
+
+# Files of a Hugging Face tokenizer that make a checkpoint directory self-contained.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+# Bad input, reported as one line and exit code 2. OSError covers a missing path, an
+# existing destination (FileExistsError) and an unreadable tokenizer.
+USER_ERRORS = (ConversionError, ConfigError, OSError)
+EXIT_BAD_INPUT = 2
+
+
+def run_command(body: Callable[[], None], program: str) -> int:
+    """Run a command body; bad input becomes `program: error: ...` on stderr and exit code 2."""
+    try:
+        body()
+    except USER_ERRORS as err:
+        message = " ".join(str(err).split()) or type(err).__name__
+        print(f"{program}: error: {message}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    return 0
+
+
+def tokenizer_files_in(directory: Path) -> dict[str, Path]:
+    """The tokenizer files present in `directory`, by name."""
+    return {name: directory / name for name in TOKENIZER_FILES if (directory / name).is_file()}
+
+
+def tensor_count(params: dict, config: MambaConfig) -> int:
+    """PyTorch tensors the params correspond to: one per table rule, per layer if stacked."""
+    count = 0
+    for rule in CONVERSION_TABLE:
+        node = params
+        try:
+            for name in rule.jax_path:
+                node = node[name]
+        except KeyError:
+            continue
+        count += config.n_layer if rule.per_layer else 1
+    return count
+
+
+def parameter_count(params: dict) -> int:
+    return sum(parameter_count(v) if isinstance(v, dict) else int(np.size(v)) for v in params.values())
+
+
+def config_summary(config: MambaConfig) -> str:
+    fields = ("d_model", "n_layer", "vocab_size", "d_state", "d_conv", "expand", "dt_rank",
+              "tie_embeddings", "dtype")
+    return " ".join(f"{name}={getattr(config, name)}" for name in fields)
+
+
+def print_summary(destination: Path, kind: str, config: MambaConfig, tensors: int, params: int,
+                  tensors_note: str = "") -> None:
+    files = sorted(p for p in Path(destination).iterdir() if p.is_file())
+    listing = ", ".join(f"{p.name} ({_size(p.stat().st_size)})" for p in files)
+    print(f"wrote {destination} ({kind})")
+    print(f"  files: {listing}")
+    print(f"  tensors: {tensors}{tensors_note}, parameters: {params:,}")
+    print(f"  config: {config_summary(config)}")
+
+
+def _size(n_bytes: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n_bytes < 1024 or unit == "GB":
+            return f"{n_bytes:.0f} {unit}" if unit == "B" else f"{n_bytes:.1f} {unit}"
+        n_bytes /= 1024
+    raise AssertionError("unreachable")

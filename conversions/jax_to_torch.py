@@ -1,0 +1,92 @@
+"""Export a Mamba-1 checkpoint to transformers (`MambaForCausalLM`) or mamba_ssm format."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as `python conversions/jax_to_torch.py`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from biomamba_jax.convert import ConversionError
+from biomamba_jax.pretrained import detect_format, export_hf, export_mamba_ssm, load_checkpoint, resolve_source
+from biomamba_jax.tokenizer import load_tokenizer
+from conversions import parameter_count, print_summary, run_command, tensor_count, tokenizer_files_in
+
+PROGRAM = "jax_to_torch.py"
+EXPORTERS = {"hf": export_hf, "mamba_ssm": export_mamba_ssm}
+EPILOG = """\
+SRC is any checkpoint the project loads: a native JAX directory, a transformers or
+mamba_ssm directory, or a Hub id. Formats written:
+  hf         config.json + model.safetensors, for transformers' MambaForCausalLM.from_pretrained
+  mamba_ssm  config.json + pytorch_model.bin, for mamba_ssm's MambaLMHeadModel.from_pretrained
+             (tied embedding and lm_head share storage; vocab padded to a multiple of 8)
+Tokenizer files come from --tokenizer when given, else from SRC if it has them. DST is
+written atomically: on any error nothing is left behind.
+
+examples:
+  python conversions/jax_to_torch.py checkpoints/biomamba export/biomamba-hf --format hf \\
+      --tokenizer ../shared/data/tokenizers/gpt-neox-20b/tokenizer.json
+  python conversions/jax_to_torch.py checkpoints/biomamba export/biomamba-ssm --format mamba_ssm
+  python conversions/jax_to_torch.py checkpoints/biomamba export/hf --format hf \\
+      --tokenizer EleutherAI/gpt-neox-20b --overwrite
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROGRAM,
+        description="Export a Mamba-1 checkpoint to a PyTorch directory (transformers or mamba_ssm).",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("src", metavar="SRC", help="native JAX, transformers or mamba_ssm directory, or a Hub id")
+    parser.add_argument("dst", metavar="DST", type=Path, help="directory to write")
+    parser.add_argument("--format", required=True, choices=sorted(EXPORTERS), dest="fmt",
+                        help="checkpoint format to write")
+    parser.add_argument("--tokenizer", metavar="PATH",
+                        help="tokenizer.json path, a directory holding it, or a Hub id; saved into DST")
+    parser.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+
+    def export() -> None:
+        if args.dst.exists() and not args.overwrite:
+            raise FileExistsError(f"{args.dst} exists; pass --overwrite to replace it")
+        directory = resolve_source(args.src)
+        print(f"reading {directory} ({detect_format(directory)} checkpoint)")
+        config, params, _ = load_checkpoint(directory)
+        with tempfile.TemporaryDirectory(prefix="biomamba-tokenizer-") as tokenizer_dir:
+            if args.tokenizer:
+                print(f"loading tokenizer {args.tokenizer}")
+                extra = _saved_tokenizer_files(args.tokenizer, Path(tokenizer_dir))
+            else:
+                extra = tokenizer_files_in(directory)
+            tensors = tensor_count(params, config)
+            print(f"converting {tensors} tensors (JAX layout -> {args.fmt} layout)")
+            print(f"writing {args.dst}" + (f" (with {', '.join(sorted(extra))})" if extra else ""))
+            EXPORTERS[args.fmt](params, config, args.dst, overwrite=args.overwrite, extra_files=extra)
+        tied_note = " (+ lm_head.weight sharing the embedding's storage)" if (
+            args.fmt == "mamba_ssm" and config.tie_embeddings) else ""
+        print_summary(args.dst, f"{args.fmt} checkpoint", config, tensors, parameter_count(params), tied_note)
+
+    return run_command(export, PROGRAM)
+
+
+def _saved_tokenizer_files(source: str, directory: Path) -> dict[str, Path]:
+    """Load the tokenizer as the project does and save its files into `directory`, so they
+    can be copied inside the checkpoint's atomic write."""
+    try:
+        saved = load_tokenizer(source).save_pretrained(str(directory))
+    except (ValueError, TypeError) as err:  # OSError passes through as bad input already
+        raise ConversionError(f"cannot use tokenizer {source}: {err}") from err
+    return {Path(path).name: Path(path) for path in saved if Path(path).is_file()}
+
+
+if __name__ == "__main__":
+    sys.exit(main())
