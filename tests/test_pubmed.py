@@ -6,7 +6,6 @@ import gzip
 import hashlib
 import importlib.util
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -333,4 +332,3 @@ def test_download_then_prepare_via_script(tmp_path, tokenizer_json):
     assert (out / "raw" / "testbase25n0001.xml.gz").exists()
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["splits"]["train"]["documents"] == 6
-    shutil.rmtree(out)

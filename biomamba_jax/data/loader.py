@@ -32,7 +32,7 @@ from pathlib import Path
 import grain
 import numpy as np
 
-from biomamba_jax.data.pubmed import MANIFEST_FORMAT, MANIFEST_NAME, SPLITS
+from biomamba_jax.data.pubmed import MANIFEST_FORMAT, MANIFEST_NAME
 from biomamba_jax.tokenizer import EOS_ID
 
 _PREPARE_HINT = "run scripts/prepare_pubmed.py first (or biomamba_jax.data.prepare_pubmed)"

@@ -311,7 +311,8 @@ def _process_file(job: _FileJob) -> dict:
     except PubmedFileError as error:
         return {"path": job.path, "error": str(error)}
     except OSError as error:
-        return {"path": job.path, "error": f"{job.path}: cannot read ({error})"}
+        # Unreadable input, or the cache could not be written (disk full, permissions).
+        return {"path": job.path, "error": f"{job.path}: {error}"}
     return {
         "path": job.path,
         "source": {"name": Path(job.path).name, **digests},
