@@ -76,3 +76,27 @@ def _configure_for_mamba(tokenizer, source) -> transformers.PreTrainedTokenizerF
     if hasattr(tokenizer, "add_bos_token"):
         tokenizer.add_bos_token = False
     return tokenizer
+
+
+def write_byte_level_tokenizer(path: str | Path) -> Path:
+    """Write a `tokenizer.json` with `<|endoftext|>` = 0 and the 256 bytes as ids 1..256.
+
+    It needs no download and no training, so offline runs (the smoke preset, CI) go
+    through the same tokenizer-file path as the real GPT-NeoX tokenizer. The file is
+    identical on every machine, which keeps prepared data byte-for-byte reproducible.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers.pre_tokenizers import ByteLevel
+
+    byte_alphabet = sorted(ByteLevel.alphabet())
+    vocab = {EOS_TOKEN: EOS_ID, **{symbol: index + 1 for index, symbol in enumerate(byte_alphabet)}}
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.add_special_tokens([EOS_TOKEN])
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.with_name(path.name + ".tmp")
+    tokenizer.save(str(staging))
+    staging.replace(path)
+    return path

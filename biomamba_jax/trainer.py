@@ -1,0 +1,356 @@
+"""The pretraining run: plan, initialise, train, evaluate, checkpoint, resume, export.
+
+`pretrain(config)` is what `scripts/pretrain.py` calls. Pieces it is built from, each
+importable on its own: `run_config` (configs and overrides), `training` (optimizer, loss,
+the one train step), `parallel` (pmap or Mesh placement and the batch plan),
+`checkpointing` (orbax), `data.loader` (grain batches) and `pretrained` (init and export).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import shlex
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import jax
+import numpy as np
+from flax import nnx
+from tqdm.auto import tqdm
+
+from .checkpointing import Checkpointer
+from .config import MambaConfig
+from .parallel import BatchPlan, initialize_distributed, make_layout
+from .pretrained import export_hf, load_checkpoint, model_from_params
+from .run_config import RunConfig, to_yaml
+from .training import (TrainState, lr_schedule, make_eval_step, make_optimizer, make_train_step,
+                       model_flops_per_token, peak_flops_per_device)
+
+__all__ = ["pretrain", "RunError", "Trainer"]
+
+OFFLINE_TOKENIZER = "offline-bytes"
+
+
+class RunError(RuntimeError):
+    """A run that cannot start or must stop, with the reason and what to do."""
+
+
+# ------------------------------------------------------------------------ set-up
+def _prepare_synthetic_data(config: RunConfig, log: Callable) -> None:
+    """Generate a synthetic PubMed corpus and prepare it through the real pipeline."""
+    from .data import prepare_pubmed, write_synthetic_pubmed
+    from .tokenizer import write_byte_level_tokenizer
+
+    data_dir = Path(config.data.dir)
+    if (data_dir / "manifest.json").exists():
+        return
+    tokenizer = config.data.tokenizer
+    if tokenizer == OFFLINE_TOKENIZER:
+        tokenizer = str(write_byte_level_tokenizer(data_dir / "tokenizer" / "tokenizer.json"))
+    log(f"generating {config.data.synthetic_files} synthetic PubMed files in {data_dir / 'xml'}")
+    files = write_synthetic_pubmed(data_dir / "xml", n_files=config.data.synthetic_files,
+                                   docs_per_file=config.data.synthetic_docs_per_file, seed=config.data.seed)
+    prepare_pubmed(files, data_dir, tokenizer=tokenizer, workers=1, val_fraction=config.data.val_fraction,
+                   progress=False, command="biomamba_jax.trainer (synthetic corpus)")
+
+
+def _check_data(config: RunConfig, vocab_size: int) -> dict:
+    from .data import read_manifest
+
+    data_dir = Path(config.data.dir)
+    if not data_dir.exists():
+        raise RunError(
+            f"data dir {data_dir} does not exist: run scripts/prepare_pubmed.py to build it, "
+            "or set data.dir=... (the smoke preset builds its own)"
+        )
+    manifest = read_manifest(data_dir)
+    data_vocab = int(manifest.get("tokenizer", {}).get("vocab_size", 0) or 0)
+    if data_vocab > vocab_size:
+        raise RunError(
+            f"the data in {data_dir} was tokenised with a {data_vocab}-token vocabulary but the "
+            f"model has {vocab_size} embedding rows: use a model and data with the same tokenizer"
+        )
+    return manifest
+
+
+def _initial_model(config: RunConfig) -> tuple[MambaConfig, dict]:
+    """(model config, numpy-or-jax params) from `model.init`: random or a checkpoint."""
+    runtime = dict(dtype=config.model.dtype, scan_impl=config.model.scan_impl, remat=config.model.remat)
+    if config.model.init == "random":
+        overrides = {} if config.model.vocab_size is None else {"vocab_size": config.model.vocab_size}
+        model_config = MambaConfig.preset(config.model.preset, **overrides, **runtime)
+        from .model import MambaLM
+        from .pretrained import model_params
+
+        model = MambaLM(model_config, rngs=nnx.Rngs(config.run.seed))
+        return model_config, model_params(model)
+    model_config, params, _ = load_checkpoint(config.model.init, **runtime)
+    return model_config, params
+
+
+def checkpoint_size_bytes(params) -> int:
+    """Params plus the two fp32 AdamW moments."""
+    return 3 * sum(int(np.prod(np.shape(x))) * 4 for x in jax.tree.leaves(params))
+
+
+# ------------------------------------------------------------------------ logging
+class MetricsLog:
+    """JSONL and TensorBoard event files, written by process 0 only."""
+
+    def __init__(self, out_dir: Path, enabled: bool):
+        self.enabled = enabled
+        if not enabled:
+            return
+        from tensorboardX import SummaryWriter
+
+        self.jsonl = open(out_dir / "metrics.jsonl", "a", buffering=1)
+        self.tensorboard = SummaryWriter(str(out_dir / "tensorboard"))
+
+    def write(self, step: int, values: dict) -> None:
+        if not self.enabled:
+            return
+        self.jsonl.write(json.dumps({"step": step, **values}) + "\n")
+        for key, value in values.items():
+            if isinstance(value, (int, float)) and math.isfinite(value):
+                self.tensorboard.add_scalar(key, value, step)
+
+    def close(self) -> None:
+        if self.enabled:
+            self.jsonl.close()
+            self.tensorboard.close()
+
+
+class _StopRequest:
+    """SIGTERM/SIGINT set a flag; the loop saves a checkpoint and exits cleanly."""
+
+    def __init__(self):
+        self.signal_name: Optional[str] = None
+        self._previous = {}
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, _frame):
+        self.signal_name = signal.Signals(signum).name
+
+    def restore(self):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+# ------------------------------------------------------------------------ trainer
+@dataclasses.dataclass
+class Trainer:
+    """Everything one run needs, built once by `Trainer.build` before any compile."""
+
+    config: RunConfig
+    model_config: MambaConfig
+    plan: BatchPlan
+    layout: object
+    graphdef: object
+    optimizer: object
+    out_dir: Path
+    is_main: bool
+    log: Callable
+
+    @classmethod
+    def build(cls, config: RunConfig, log: Callable = print) -> "Trainer":
+        initialize_distributed(config.parallel.coordinator_address, config.parallel.num_processes,
+                               config.parallel.process_id)
+        is_main = jax.process_index() == 0
+        plan = BatchPlan.from_tokens(config.batch.global_batch_tokens, config.data.seq_len,
+                                     config.batch.micro_batch_per_device, jax.device_count(),
+                                     jax.process_count())
+        if config.data.synthetic_files and is_main:
+            _prepare_synthetic_data(config, log)
+        model_config, params = _initial_model(config)
+        _check_data(config, model_config.vocab_size)
+        layout = make_layout(config.parallel.mode, plan, config.parallel.fsdp)
+        from .model import MambaLM
+
+        graphdef = nnx.graphdef(nnx.eval_shape(lambda: MambaLM(model_config, rngs=nnx.Rngs(0))))
+        trainer = cls(config, model_config, plan, layout, graphdef,
+                      make_optimizer(config.optim, config.run.steps), Path(config.run.out_dir),
+                      is_main, log if is_main else (lambda *_: None))
+        trainer._initial_params = params
+        return trainer
+
+    # -------------------------------------------------------------- pieces
+    def initial_state(self) -> TrainState:
+        params = jax.tree.map(lambda x: np.asarray(x, np.float32), self._initial_params)
+        opt_state = jax.tree.map(np.asarray, self.optimizer.init(params))
+        rng = np.asarray(jax.random.key_data(jax.random.PRNGKey(self.config.run.seed)))
+        return TrainState(params, opt_state, np.int32(0), rng)
+
+    def train_loader(self):
+        from .data import make_lm_loader
+
+        return make_lm_loader(self.config.data.dir, "train", self.config.data.seq_len,
+                              self.plan.rows_per_process, seed=self.config.data.seed)
+
+    def eval_batches(self):
+        from .data import make_lm_loader
+
+        rows = self.plan.local_devices * self.plan.micro_batch
+        loader = make_lm_loader(self.config.data.dir, "validation", self.config.data.seq_len, rows,
+                                shuffle=False, num_epochs=1, drop_remainder=False, pad_final=True)
+        for index, batch in enumerate(loader):
+            if index >= self.config.run.eval_batches:
+                break
+            yield {
+                "tokens": batch["tokens"],
+                "loss_mask": (batch["segment_ids"][:, 1:] != 0).astype(np.float32),
+                "attention_mask": (batch["segment_ids"][:, :-1] != 0).astype(np.int32),
+            }
+
+    def print_plan(self, start_step: int, params) -> None:
+        c, p = self.config, self.plan
+        n_params = sum(int(np.prod(np.shape(x))) for x in jax.tree.leaves(params))
+        devices = jax.devices()
+        self.log("\n".join([
+            f"== {c.name}: plan ==",
+            f"devices      {len(devices)} x {devices[0].device_kind} ({jax.process_count()} process(es)), "
+            f"parallel={self.layout.name}{' +fsdp' if c.parallel.fsdp else ''}",
+            f"model        {n_params / 1e6:.1f}M params, d_model {self.model_config.d_model}, "
+            f"{self.model_config.n_layer} layers, dtype {self.model_config.dtype}, "
+            f"scan {self.model_config.scan_impl}, remat {self.model_config.remat}",
+            f"batch        {p.global_rows} x {p.seq_len} = {p.tokens_per_step:,} tokens/step; "
+            f"micro-batch {p.micro_batch}/device x {p.num_devices} devices x {p.micro_steps} accumulation",
+            f"steps        {start_step} -> {c.run.steps} ({(c.run.steps - start_step) * p.tokens_per_step:,} tokens)",
+            f"checkpoints  every {c.run.checkpoint_every} steps, keep {c.run.keep_checkpoints} + best, "
+            f"~{checkpoint_size_bytes(params) / 2**20:,.1f} MiB each, in {self.out_dir / 'checkpoints'}",
+        ]))
+
+    def evaluate(self, eval_step, params) -> dict:
+        total, count = 0.0, 0.0
+        for batch in self.eval_batches():
+            loss_sum, tokens = eval_step(params, batch)
+            total, count = total + loss_sum, count + tokens
+        if count == 0:
+            return {}
+        loss = total / count
+        return {"val_loss": loss, "val_perplexity": math.exp(min(loss, 50.0)), "val_tokens": count}
+
+    # ---------------------------------------------------------------- loop
+    def run(self, resume: bool = False) -> dict:
+        c = self.config
+        if self.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            (self.out_dir / "config.yaml").write_text(to_yaml(c))
+            (self.out_dir / "model_config.json").write_text(json.dumps(self.model_config.to_dict(), indent=2))
+        host_state = self.initial_state()
+        checkpointer = Checkpointer(self.out_dir / "checkpoints", keep=c.run.keep_checkpoints)
+        train_iter = self.train_loader()
+        meta = {"skipped_steps": 0}
+        start = 0
+        latest = checkpointer.latest_step()
+        if latest is not None and not resume:
+            raise RunError(f"{self.out_dir} already holds checkpoints (latest step {latest}): "
+                           "pass --resume to continue, or choose another run.out_dir")
+        if resume and latest is not None:
+            restored = checkpointer.restore(self.layout.abstract_checkpoint(host_state))
+            state = self.layout.from_checkpoint(restored.state)
+            train_iter.set_state(restored.data_state)
+            meta, start = restored.meta, restored.step
+            self.log(f"resumed from step {start} in {checkpointer.directory}")
+        else:
+            if resume:
+                self.log(f"--resume: no checkpoint in {checkpointer.directory}, starting fresh")
+            state = self.layout.place_state(host_state)
+        self.print_plan(start, host_state.params)
+
+        train_step = self.layout.compile_train_step(lambda axis: make_train_step(self.graphdef, self.optimizer, axis))
+        eval_step = self.layout.compile_eval_step(lambda axis: make_eval_step(self.graphdef, axis))
+        schedule = lr_schedule(c.optim.peak_lr, c.optim.warmup_steps, c.run.steps, c.optim.final_lr_fraction)
+        flops_per_token = model_flops_per_token(self.model_config, c.data.seq_len)
+        peak = peak_flops_per_device(jax.devices()[0])
+        metrics_log = MetricsLog(self.out_dir, self.is_main)
+        stop = _StopRequest()
+        summary = {"start_step": start, "stopped_by": None}
+        consecutive_nonfinite, last_eval, losses, pending_skips = 0, {}, [], []
+
+        def save(step, val_loss=None):
+            checkpointer.save(step, self.layout.checkpoint_view(state), train_iter.get_state(), meta, val_loss)
+
+        bar = tqdm(total=c.run.steps, initial=start, disable=not self.is_main, dynamic_ncols=True, unit="step")
+        window_start, window_tokens = time.perf_counter(), 0
+        step = start
+        try:
+            while step < c.run.steps:
+                batch = next(train_iter)
+                placed = self.layout.place_batch({
+                    "tokens": batch["tokens"],
+                    "loss_mask": (batch["segment_ids"][:, 1:] != 0).astype(np.float32),
+                })
+                state, metrics = train_step(state, placed)
+                step += 1
+                window_tokens += self.plan.tokens_per_step
+                # Kept on device until the next log line, so steps are not synchronised.
+                pending_skips.append(metrics["skipped"])
+                if step % c.run.log_every == 0 or step == c.run.steps or step == start + 1:
+                    values = self.layout.metrics(metrics)
+                    elapsed = time.perf_counter() - window_start
+                    tokens_per_s = window_tokens / elapsed
+                    values.update(lr=float(schedule(step - 1)), tokens_per_s=tokens_per_s)
+                    if peak:
+                        values["mfu"] = tokens_per_s * flops_per_token / (peak * jax.device_count())
+                    values.pop("skipped")
+                    for skipped in (int(np.asarray(s).reshape(-1)[0]) for s in pending_skips):
+                        meta["skipped_steps"] = meta.get("skipped_steps", 0) + skipped
+                        consecutive_nonfinite = consecutive_nonfinite + 1 if skipped else 0
+                    pending_skips.clear()
+                    values["skipped_steps"] = meta["skipped_steps"]
+                    metrics_log.write(step, values)
+                    losses.append((step, values["loss"]))
+                    bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{values['lr']:.2e}",
+                                    tok_s=f"{tokens_per_s:,.0f}",
+                                    **({"mfu": f"{values['mfu']:.1%}"} if peak else {}))
+                    window_start, window_tokens = time.perf_counter(), 0
+                    if consecutive_nonfinite >= c.run.max_consecutive_nonfinite:
+                        raise RunError(
+                            f"{consecutive_nonfinite} consecutive steps had a non-finite loss or "
+                            f"gradient (up to step {step}); stopping. The last good checkpoint is intact in "
+                            f"{checkpointer.directory}: lower optim.peak_lr or check the data, then --resume"
+                        )
+                bar.update(1)
+                val_loss = None
+                if step % c.run.eval_every == 0 or step == c.run.steps:
+                    last_eval = self.evaluate(eval_step, state.params)
+                    if last_eval:
+                        val_loss = last_eval["val_loss"]
+                        metrics_log.write(step, last_eval)
+                        bar.write(f"step {step}: val_loss {val_loss:.4f}, ppl {last_eval['val_perplexity']:.2f}")
+                if step % c.run.checkpoint_every == 0 or step == c.run.steps or stop.signal_name:
+                    save(step, val_loss)
+                if stop.signal_name:
+                    summary["stopped_by"] = stop.signal_name
+                    self.log(f"\n{stop.signal_name}: saved step {step}; resume with --resume")
+                    break
+        finally:
+            bar.close()
+            checkpointer.close()
+            metrics_log.close()
+            stop.restore()
+
+        summary.update(final_step=step, losses=losses, eval=last_eval,
+                       skipped_steps=meta.get("skipped_steps", 0))
+        if step == c.run.steps and c.run.export_hf and self.is_main:
+            params = jax.tree.map(np.asarray, self.layout.gather_state(state).params)
+            export_hf(params, self.model_config, self.out_dir / "hf", overwrite=True)
+            summary["hf_export"] = str(self.out_dir / "hf")
+        if self.is_main:
+            (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+            first, last = (losses[0][1], losses[-1][1]) if losses else (float("nan"),) * 2
+            self.log(f"== done: step {step}/{c.run.steps}, loss {first:.4f} -> {last:.4f}"
+                     + (f", val_loss {last_eval['val_loss']:.4f}" if last_eval else "")
+                     + f", skipped {summary['skipped_steps']}; outputs in {self.out_dir} ==")
+        return summary
+
+
+def pretrain(config: RunConfig, resume: bool = False, log: Callable = print) -> dict:
+    """Run (or resume) pretraining as configured; returns the run summary."""
+    return Trainer.build(config, log).run(resume=resume)

@@ -1,0 +1,190 @@
+"""The optimizer, the loss and one train-step function that serves every parallel layout.
+
+`train_step` takes a batch shaped (micro_steps, rows, L + 1): it runs the micro-batches
+under `lax.scan`, summing per-token losses and gradients, and divides once by the number
+of target tokens in the whole global batch. That makes gradient accumulation and data
+parallelism exact rewrites of one big batch, not approximations of it.
+
+The same function runs
+- under `jax.pmap` (`axis_name` set): sums are `psum`-ed across devices, so every device
+  applies the identical update, i.e. gradients averaged with a collective;
+- under `jax.jit` over a `Mesh` (`axis_name=None`): the batch is one global array sharded
+  over the data axis and XLA inserts the collectives.
+
+A step whose loss or gradients are not finite is skipped: parameters and optimizer state
+stay as they were and the step reports `skipped = 1`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from .config import MambaConfig
+
+__all__ = [
+    "TrainState",
+    "make_optimizer",
+    "lr_schedule",
+    "weight_decay_mask",
+    "make_train_step",
+    "make_eval_step",
+    "model_flops_per_token",
+    "peak_flops_per_device",
+]
+
+
+class TrainState(NamedTuple):
+    params: Any
+    opt_state: Any
+    step: jax.Array  # int32 scalar
+    rng: jax.Array  # uint32 key data, kept for reproducible stochastic extensions
+
+
+# --------------------------------------------------------------------- optimizer
+def lr_schedule(peak_lr: float, warmup_steps: int, total_steps: int, final_fraction: float):
+    """Linear warmup from 0 to `peak_lr`, then cosine decay to `final_fraction * peak_lr`."""
+    warmup_steps = max(0, min(warmup_steps, total_steps - 1))
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=peak_lr, warmup_steps=warmup_steps,
+        decay_steps=max(total_steps, warmup_steps + 1), end_value=peak_lr * final_fraction,
+    )
+
+
+# Weight decay applies to the mixers' projection and conv kernels only: A_log, D, every
+# bias, the norms and the (tied or untied) embeddings are excluded, as in BioMamba/mamba_ssm.
+_DECAYED_MIXER_WEIGHTS = {"in_proj", "conv1d", "x_proj", "dt_proj", "out_proj"}
+
+
+def weight_decay_mask(params) -> Any:
+    def decays(path, _):
+        names = [getattr(p, "key", getattr(p, "name", str(p))) for p in path]
+        return names[-1] == "kernel" and len(names) >= 2 and names[-2] in _DECAYED_MIXER_WEIGHTS
+
+    return jax.tree_util.tree_map_with_path(decays, params)
+
+
+def make_optimizer(optim, total_steps: int) -> optax.GradientTransformation:
+    """AdamW with global-norm clipping; `optim` is a run config's OptimSection."""
+    schedule = lr_schedule(optim.peak_lr, optim.warmup_steps, total_steps, optim.final_lr_fraction)
+    return optax.chain(
+        optax.clip_by_global_norm(optim.clip_norm),
+        optax.adamw(schedule, b1=optim.beta1, b2=optim.beta2, eps=optim.eps,
+                    weight_decay=optim.weight_decay, mask=weight_decay_mask),
+    )
+
+
+# -------------------------------------------------------------------------- loss
+def token_loss_sums(graphdef, params, batch) -> tuple[jax.Array, jax.Array]:
+    """Sum of next-token cross-entropy over target positions, and how many there are.
+
+    batch: `tokens` (B, L + 1) int32; optional `loss_mask` (B, L) over targets and
+    `attention_mask` (B, L) over inputs (0 = padding, which leaves the state untouched).
+    """
+    model = nnx.merge(graphdef, params)
+    tokens = batch["tokens"]
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    logits = model(inputs, batch.get("attention_mask"))
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
+    weights = batch.get("loss_mask")
+    weights = jnp.ones_like(losses) if weights is None else weights.astype(jnp.float32)
+    return jnp.sum(losses * weights), jnp.sum(weights)
+
+
+def _accumulate(graphdef, params, batch):
+    """Sum losses, token counts and gradients of the loss sum over the micro-batch axis."""
+
+    def one_micro_batch(carry, micro):
+        loss_sum, count, grads = carry
+        (micro_loss, micro_count), micro_grads = jax.value_and_grad(
+            lambda p: token_loss_sums(graphdef, p, micro), has_aux=True
+        )(params)
+        grads = jax.tree.map(jnp.add, grads, micro_grads)
+        return (loss_sum + micro_loss, count + micro_count, grads), None
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    (loss_sum, count, grads), _ = jax.lax.scan(
+        one_micro_batch, (jnp.float32(0), jnp.float32(0), zeros), batch
+    )
+    return loss_sum, count, grads
+
+
+def make_train_step(graphdef, optimizer: optax.GradientTransformation,
+                    axis_name: Optional[str] = None) -> Callable:
+    """Returns `train_step(state, batch) -> (state, metrics)` (not yet jitted or pmapped)."""
+
+    def train_step(state: TrainState, batch):
+        loss_sum, count, grads = _accumulate(graphdef, state.params, batch)
+        if axis_name is not None:
+            loss_sum, count, grads = jax.lax.psum((loss_sum, count, grads), axis_name)
+        count = jnp.maximum(count, 1.0)
+        loss = loss_sum / count
+        grads = jax.tree.map(lambda g: g / count, grads)
+        grad_norm = optax.global_norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        updates, new_opt_state = optimizer.update(grads, state.opt_state, state.params)
+        new_params = optax.apply_updates(state.params, updates)
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+        new_state = TrainState(
+            params=keep(new_params, state.params),
+            opt_state=keep(new_opt_state, state.opt_state),
+            step=state.step + 1,
+            rng=state.rng,
+        )
+        metrics = {"loss": loss, "grad_norm": grad_norm, "tokens": count,
+                   "skipped": (~finite).astype(jnp.int32)}
+        return new_state, metrics
+
+    return train_step
+
+
+def make_eval_step(graphdef, axis_name: Optional[str] = None) -> Callable:
+    """Returns `eval_step(params, batch) -> (loss_sum, token_count)` over a (B, L + 1) batch."""
+
+    def eval_step(params, batch):
+        loss_sum, count = token_loss_sums(graphdef, params, batch)
+        if axis_name is not None:
+            loss_sum, count = jax.lax.psum((loss_sum, count), axis_name)
+        return loss_sum, count
+
+    return eval_step
+
+
+# ----------------------------------------------------------------------- FLOPs
+def model_flops_per_token(config: MambaConfig, seq_len: int, training: bool = True) -> float:
+    """Model FLOPs per token of the Mamba forward (x3 with the backward).
+
+    Counts the matmuls (in_proj, x_proj, dt_proj, out_proj, LM head), the depthwise conv
+    and the selective scan (discretisation, state update and C contraction, ~9 E N per
+    token). Remat recomputation is not counted: this is model FLOPs, for MFU.
+    """
+    c = config
+    del seq_len  # Mamba's cost per token does not depend on the sequence length
+    per_layer = 2 * (c.d_model * 2 * c.d_inner  # in_proj
+                     + c.d_inner * (c.dt_rank + 2 * c.d_state)  # x_proj
+                     + c.dt_rank * c.d_inner  # dt_proj
+                     + c.d_inner * c.d_model)  # out_proj
+    per_layer += 2 * c.d_inner * c.d_conv + 9 * c.d_inner * c.d_state
+    forward = c.n_layer * per_layer + 2 * c.d_model * c.vocab_size
+    return float(3 * forward if training else forward)
+
+
+# Dense bf16 peak per device (vendor datasheets), for MFU.
+_PEAK_BF16_FLOPS = {
+    "H100": 989e12, "H200": 989e12, "A100": 312e12, "V100": 125e12, "A5000": 111e12,
+    "L4": 121e12, "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12,
+    "TPU v5p": 459e12, "TPU v6": 918e12,
+}
+
+
+def peak_flops_per_device(device: jax.Device) -> Optional[float]:
+    kind = getattr(device, "device_kind", "")
+    for name, flops in _PEAK_BF16_FLOPS.items():
+        if name.lower() in kind.lower():
+            return flops
+    return None
