@@ -204,4 +204,4 @@ def selective_state_update(
 
 
 # Faster impls live in their own modules and register themselves on import.
-from biomamba_jax import scan_chunked  # noqa: E402,F401  (registers "chunked")
+from biomamba_jax import scan_chunked, scan_pallas  # noqa: E402,F401  (register "chunked", "pallas")
