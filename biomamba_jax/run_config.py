@@ -68,7 +68,10 @@ class BatchSection:
 @dataclasses.dataclass
 class RunSection:
     out_dir: str = "runs/biomamba-130m"
-    steps: int = 2000
+    steps: int = 2000  # optimizer steps of the whole run (the lr schedule spans them)
+    # Stop with a checkpoint after this step and exit cleanly, e.g. to fit a job's time
+    # limit; a later --resume continues towards run.steps. None runs to the end.
+    stop_at: Optional[int] = None
     seed: int = 0
     log_every: int = 10
     eval_every: int = 200

@@ -324,6 +324,8 @@ class Trainer:
                         val_loss = last_eval["val_loss"]
                         metrics_log.write(step, last_eval)
                         bar.write(f"step {step}: val_loss {val_loss:.4f}, ppl {last_eval['val_perplexity']:.2f}")
+                if step == c.run.stop_at and not stop.signal_name:
+                    stop.signal_name = f"run.stop_at={c.run.stop_at}"
                 if step % c.run.checkpoint_every == 0 or step == c.run.steps or stop.signal_name:
                     save(step, val_loss)
                 if stop.signal_name:

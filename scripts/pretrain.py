@@ -39,7 +39,8 @@ def parse_args(argv=None):
     parser.add_argument("--coordinator-address", help="multi-host: host:port of process 0")
     parser.add_argument("--num-processes", type=int, help="multi-host: number of processes")
     parser.add_argument("--process-id", type=int, help="multi-host: this process's index")
-    return parser.parse_args(argv)
+    # Intermixed: `key=value` overrides may come before, between or after the flags.
+    return parser.parse_intermixed_args(argv)
 
 
 def main(argv=None) -> int:
@@ -54,11 +55,12 @@ def main(argv=None) -> int:
     overrides = [f"{k}={v}" for k, v in flag_overrides.items() if v is not None] + args.overrides
     try:
         config = load_run_config(args.preset, args.config, overrides)
-        summary = pretrain(config, resume=args.resume)
+        pretrain(config, resume=args.resume)
     except (RunConfigError, BatchSplitError, RunError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    return 0 if summary.get("stopped_by") is None or summary["stopped_by"] in ("SIGTERM", "SIGINT") else 1
+    # A stop by signal or run.stop_at has saved a checkpoint: that is a clean exit.
+    return 0
 
 
 if __name__ == "__main__":

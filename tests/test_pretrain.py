@@ -1,0 +1,169 @@
+"""End-to-end runs of scripts/pretrain.py on CPU: smoke, resume, preemption, kill -9,
+multi-process start-up, and the early errors."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from biomamba_jax.run_config import RunConfigError, load_run_config
+from biomamba_jax.trainer import RunError, pretrain
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "scripts" / "pretrain.py"
+
+# A run small enough for CPU tests: tiny model, 32-token rows, 8 rows per step.
+FAST = ["data.seq_len=32", "batch.global_batch_tokens=256", "batch.micro_batch_per_device=4",
+        "run.log_every=1", "run.eval_every=1000", "run.export_hf=false", "optim.warmup_steps=2"]
+
+
+def env(devices: int = 1) -> dict:
+    return {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu",
+            "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    """One synthetic corpus, prepared through the real pipeline, shared by the runs here."""
+    root = tmp_path_factory.mktemp("pretrain")
+    config = load_run_config("smoke", overrides=[f"data.dir={root / 'data'}", f"run.out_dir={root / 'run'}",
+                                                 "data.synthetic_docs_per_file=40", *FAST, "run.steps=1"])
+    pretrain(config, log=lambda *_: None)
+    return root / "data"
+
+
+def run_config(data_dir, out_dir, *extra):
+    return load_run_config("smoke", overrides=[f"data.dir={data_dir}", f"run.out_dir={out_dir}",
+                                               "data.synthetic_files=0", *FAST, *extra])
+
+
+def logged_losses(out_dir) -> dict[int, float]:
+    lines = (Path(out_dir) / "metrics.jsonl").read_text().splitlines()
+    return {r["step"]: r["loss"] for r in map(json.loads, lines) if "loss" in r}
+
+
+def test_smoke_preset_runs_and_loss_decreases(tmp_path):
+    out = subprocess.run([sys.executable, str(SCRIPT), "--preset", "smoke", f"run.out_dir={tmp_path / 'run'}",
+                          f"data.dir={tmp_path / 'data'}"], env=env(), capture_output=True, text=True,
+                         timeout=600, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    losses = [loss for _, loss in summary["losses"]]
+    assert losses[-1] < 0.6 * losses[0]
+    assert summary["eval"]["val_loss"] < losses[0]
+    assert (tmp_path / "run" / "hf" / "model.safetensors").exists()
+    assert (tmp_path / "run" / "config.yaml").exists()
+    assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
+    assert "== smoke: plan ==" in out.stdout and "== done" in out.stdout
+
+
+def test_resumed_run_reproduces_uninterrupted_losses(data_dir, tmp_path):
+    straight = pretrain(run_config(data_dir, tmp_path / "a", "run.steps=8"), log=lambda *_: None)
+    first = pretrain(run_config(data_dir, tmp_path / "b", "run.steps=8", "run.stop_at=4"), log=lambda *_: None)
+    assert first["final_step"] == 4 and first["stopped_by"] == "run.stop_at=4"
+    resumed = pretrain(run_config(data_dir, tmp_path / "b", "run.steps=8"), resume=True, log=lambda *_: None)
+    assert resumed["start_step"] == 4 and resumed["final_step"] == 8
+    a, b = logged_losses(tmp_path / "a"), logged_losses(tmp_path / "b")
+    assert [a[s] for s in range(1, 9)] == [b[s] for s in range(1, 9)]
+
+
+def test_existing_run_needs_resume_and_resume_without_checkpoint_starts_fresh(data_dir, tmp_path):
+    summary = pretrain(run_config(data_dir, tmp_path / "c", "run.steps=2"), resume=True, log=lambda *_: None)
+    assert summary["start_step"] == 0 and summary["final_step"] == 2
+    with pytest.raises(RunError, match="pass --resume"):
+        pretrain(run_config(data_dir, tmp_path / "c", "run.steps=2"), log=lambda *_: None)
+
+
+def _start(data_dir, out_dir, *extra):
+    return subprocess.Popen([sys.executable, str(SCRIPT), "--preset", "smoke", f"data.dir={data_dir}",
+                             f"run.out_dir={out_dir}", "data.synthetic_files=0", *FAST, *extra],
+                            env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for_step(out_dir, step, process, timeout=300):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        metrics = Path(out_dir) / "metrics.jsonl"
+        if metrics.exists() and max(logged_losses(out_dir), default=0) >= step:
+            return
+        assert process.poll() is None, process.communicate()[1][-3000:]
+        time.sleep(0.2)
+    raise TimeoutError(f"run never reached step {step}")
+
+
+def test_sigterm_saves_and_exits_zero(data_dir, tmp_path):
+    process = _start(data_dir, tmp_path / "run", "run.steps=100000", "run.checkpoint_every=100000")
+    _wait_for_step(tmp_path / "run", 3, process)
+    process.send_signal(signal.SIGTERM)
+    stdout, stderr = process.communicate(timeout=300)
+    assert process.returncode == 0, stderr[-3000:]
+    assert "SIGTERM: saved step" in stdout
+    from biomamba_jax.checkpointing import Checkpointer
+
+    assert Checkpointer(tmp_path / "run" / "checkpoints").latest_step() >= 3
+
+
+def test_kill_during_saves_leaves_a_loadable_latest_checkpoint(data_dir, tmp_path):
+    """Checkpoint every step and SIGKILL at staggered moments: whatever was cut off, the
+    latest complete checkpoint must restore and resuming must work."""
+    from biomamba_jax.checkpointing import Checkpointer
+
+    out_dir = tmp_path / "run"
+    for attempt, delay in enumerate((0.0, 0.15, 0.35)):
+        process = _start(data_dir, out_dir, "run.steps=100000", "run.checkpoint_every=1",
+                         *(["--resume"] if attempt else []))
+        _wait_for_step(out_dir, 2 + 3 * attempt, process)
+        time.sleep(delay)
+        process.kill()
+        process.wait()
+        latest = Checkpointer(out_dir / "checkpoints").latest_step()
+        assert latest is not None and latest >= 1
+    resumed = pretrain(run_config(data_dir, out_dir, "run.steps=100000", f"run.stop_at={latest + 1}"),
+                       resume=True, log=lambda *_: None)
+    assert resumed["start_step"] == latest and resumed["final_step"] == latest + 1
+
+
+def test_early_errors_name_the_problem(tmp_path):
+    with pytest.raises(RunConfigError, match="Key 'lr' not in"):
+        load_run_config("smoke", overrides=["optim.lr=1e-3"])
+    with pytest.raises(RunError, match="does not exist: run scripts/prepare_pubmed.py"):
+        pretrain(load_run_config("smoke", overrides=[f"data.dir={tmp_path / 'missing'}", "data.synthetic_files=0",
+                                                     f"run.out_dir={tmp_path / 'o'}"]), log=lambda *_: None)
+    out = subprocess.run([sys.executable, str(SCRIPT), "--preset", "smoke", "batch.micro_batch_per_device=3",
+                          f"run.out_dir={tmp_path / 'o'}"], env=env(), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2 and "micro_batch_per_device to one of" in out.stderr
+    assert not (tmp_path / "o").exists()  # rejected before anything was written
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_two_processes_match_one_process(data_dir, tmp_path):
+    """2 processes x 4 CPU devices through jax.distributed on localhost == 1 x 8 devices."""
+    common = [f"data.dir={data_dir}", "data.synthetic_files=0", *FAST, "run.steps=3",
+              "run.checkpoint_every=1000", "batch.micro_batch_per_device=1", "--parallel", "sharding"]
+    single = subprocess.run([sys.executable, str(SCRIPT), "--preset", "smoke", *common,
+                             f"run.out_dir={tmp_path / 'single'}"], env=env(8), capture_output=True,
+                            text=True, timeout=600)
+    assert single.returncode == 0, single.stderr[-3000:]
+    port = _free_port()
+    workers = [subprocess.Popen([sys.executable, str(SCRIPT), "--preset", "smoke", *common,
+                                 f"run.out_dir={tmp_path / 'multi'}", "--coordinator-address",
+                                 f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(rank)],
+                                env=env(4), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+               for rank in range(2)]
+    outputs = [w.communicate(timeout=600) for w in workers]
+    for worker, (_, stderr) in zip(workers, outputs):
+        assert worker.returncode == 0, stderr[-3000:]
+    assert "2 process(es)" in outputs[0][0]
+    a, b = logged_losses(tmp_path / "single"), logged_losses(tmp_path / "multi")
+    np.testing.assert_allclose([b[s] for s in (1, 2, 3)], [a[s] for s in (1, 2, 3)], rtol=1e-5)
