@@ -25,6 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from .training import make_eval_step, make_gradient_fn, make_train_step
+
 __all__ = ["BatchPlan", "PmapLayout", "ShardingLayout", "make_layout", "initialize_distributed"]
 
 DATA_AXIS = "data"
@@ -110,11 +112,12 @@ class PmapLayout:
     def place_batch(self, batch: dict) -> dict:
         return {k: self.plan.device_major(v) for k, v in _host_arrays(batch).items()}
 
-    def compile_train_step(self, train_step_factory: Callable) -> Callable:
-        return jax.pmap(train_step_factory(DATA_AXIS), axis_name=DATA_AXIS, donate_argnums=(0,))
+    def compile_train_step(self, graphdef, optimizer) -> Callable:
+        step = make_train_step(graphdef, optimizer, DATA_AXIS)
+        return jax.pmap(step, axis_name=DATA_AXIS, donate_argnums=(0,))
 
-    def compile_eval_step(self, eval_step_factory: Callable) -> Callable:
-        step = jax.pmap(eval_step_factory(DATA_AXIS), axis_name=DATA_AXIS)
+    def compile_eval_step(self, graphdef) -> Callable:
+        step = jax.pmap(make_eval_step(graphdef, DATA_AXIS), axis_name=DATA_AXIS)
         rows = self.plan.local_devices
 
         def evaluate(params, batch):
@@ -187,12 +190,23 @@ class ShardingLayout:
             placed[key] = jax.make_array_from_process_local_data(self.batch_sharding, local)
         return placed
 
-    def compile_train_step(self, train_step_factory: Callable) -> Callable:
-        step = train_step_factory(None)
+    def per_device(self, fn: Callable, batch_spec=P(None, DATA_AXIS)) -> Callable:
+        """`fn(params, batch)` run on each device's rows, with replicated params and outputs.
+
+        `fn` must reduce its outputs over DATA_AXIS itself (psum). With FSDP, XLA gathers
+        the parameters at this boundary.
+        """
+        return jax.shard_map(fn, mesh=self.mesh, in_specs=(P(), batch_spec), out_specs=P(),
+                             check_vma=False)
+
+    def compile_train_step(self, graphdef, optimizer) -> Callable:
+        gradient_fn = self.per_device(make_gradient_fn(graphdef, DATA_AXIS))
+        step = make_train_step(graphdef, optimizer, gradient_fn=gradient_fn)
         return jax.jit(step, out_shardings=(self._state_shardings, self.replicated), donate_argnums=(0,))
 
-    def compile_eval_step(self, eval_step_factory: Callable) -> Callable:
-        step = jax.jit(eval_step_factory(None), out_shardings=self.replicated)
+    def compile_eval_step(self, graphdef) -> Callable:
+        step = jax.jit(self.per_device(make_eval_step(graphdef, DATA_AXIS), P(DATA_AXIS)),
+                       out_shardings=self.replicated)
         rows_sharding = NamedSharding(self.mesh, P(DATA_AXIS))
 
         def evaluate(params, batch):

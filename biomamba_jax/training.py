@@ -8,8 +8,11 @@ parallelism exact rewrites of one big batch, not approximations of it.
 The same function runs
 - under `jax.pmap` (`axis_name` set): sums are `psum`-ed across devices, so every device
   applies the identical update, i.e. gradients averaged with a collective;
-- under `jax.jit` over a `Mesh` (`axis_name=None`): the batch is one global array sharded
-  over the data axis and XLA inserts the collectives.
+- under `jax.jit` over a `Mesh`: the batch is one global array sharded over the data
+  axis. The gradient work runs per device under `shard_map` with the same `psum` (the
+  Pallas scan is an opaque custom call that XLA's partitioner would otherwise run
+  replicated on the whole batch), and the optimizer update runs under plain `jit`, where
+  FSDP-sharded parameters and optimizer state stay sharded.
 
 A step whose loss or gradients are not finite is skipped: parameters and optimizer state
 stay as they were and the step reports `skipped = 1`.
@@ -33,6 +36,7 @@ __all__ = [
     "lr_schedule",
     "weight_decay_mask",
     "make_train_step",
+    "make_gradient_fn",
     "make_eval_step",
     "model_flops_per_token",
     "peak_flops_per_device",
@@ -114,14 +118,30 @@ def _accumulate(graphdef, params, batch):
     return loss_sum, count, grads
 
 
-def make_train_step(graphdef, optimizer: optax.GradientTransformation,
-                    axis_name: Optional[str] = None) -> Callable:
-    """Returns `train_step(state, batch) -> (state, metrics)` (not yet jitted or pmapped)."""
+def make_gradient_fn(graphdef, axis_name: Optional[str] = None) -> Callable:
+    """`(params, batch) -> (loss_sum, token_count, grads)`, summed over micro-batches and,
+    with `axis_name`, over the devices of that axis."""
 
-    def train_step(state: TrainState, batch):
-        loss_sum, count, grads = _accumulate(graphdef, state.params, batch)
+    def gradient_sums(params, batch):
+        loss_sum, count, grads = _accumulate(graphdef, params, batch)
         if axis_name is not None:
             loss_sum, count, grads = jax.lax.psum((loss_sum, count, grads), axis_name)
+        return loss_sum, count, grads
+
+    return gradient_sums
+
+
+def make_train_step(graphdef, optimizer: optax.GradientTransformation,
+                    axis_name: Optional[str] = None, gradient_fn: Optional[Callable] = None) -> Callable:
+    """Returns `train_step(state, batch) -> (state, metrics)` (not yet jitted or pmapped).
+
+    `gradient_fn` replaces the default `make_gradient_fn(graphdef, axis_name)`, e.g. with a
+    `shard_map`-ped one, so the optimizer update stays outside it (and FSDP-sharded).
+    """
+    gradient_sums = gradient_fn or make_gradient_fn(graphdef, axis_name)
+
+    def train_step(state: TrainState, batch):
+        loss_sum, count, grads = gradient_sums(state.params, batch)
         count = jnp.maximum(count, 1.0)
         loss = loss_sum / count
         grads = jax.tree.map(lambda g: g / count, grads)

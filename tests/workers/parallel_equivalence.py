@@ -54,7 +54,7 @@ def one_device(micro_batch):
 def pmapped():
     plan = BatchPlan.from_tokens(GLOBAL_ROWS * SEQ_LEN, SEQ_LEN, 1, 8, 1)
     layout = PmapLayout(plan)
-    step = layout.compile_train_step(lambda axis: make_train_step(graphdef, optimizer, axis))
+    step = layout.compile_train_step(graphdef, optimizer)
     state, metrics = step(layout.place_state(host_state), layout.place_batch(batch))
     return summary(layout.gather_state(state), metrics)
 
@@ -63,7 +63,7 @@ def sharded(fsdp):
     plan = BatchPlan.from_tokens(GLOBAL_ROWS * SEQ_LEN, SEQ_LEN, 1, 8, 1)
     layout = ShardingLayout(plan, fsdp=fsdp)
     placed = layout.place_state(host_state)
-    step = layout.compile_train_step(lambda axis: make_train_step(graphdef, optimizer, axis))
+    step = layout.compile_train_step(graphdef, optimizer)
     return summary(*step(placed, layout.place_batch(batch)))
 
 
