@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import List, Optional, Sequence
 
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
-__all__ = ["RunConfig", "load_run_config", "list_presets", "RunConfigError", "CONFIG_DIR"]
+__all__ = ["RunConfig", "row_length", "load_run_config", "list_presets", "RunConfigError", "CONFIG_DIR"]
 
 
 class RunConfigError(ValueError):
@@ -92,6 +92,21 @@ class ParallelSection:
 
 
 @dataclasses.dataclass
+class FinetuneSection:
+    """Supervised fine-tuning on BioASQ factoid questions (scripts/finetune.py)."""
+
+    train_files: List[str] = dataclasses.field(default_factory=list)  # BioASQ Task B JSON files
+    eval_files: List[str] = dataclasses.field(default_factory=list)  # scored as test_loss, never trained on
+    # Held-out slice of the training questions (by a hash of the question id, so the same
+    # questions whatever the file order): validation loss for early stopping and "best".
+    val_fraction: float = 0.1
+    epochs: int = 5
+    max_tokens: int = 512  # per example (prompt + answer + EOS); only the context is cut
+    patience: Optional[int] = 2  # evaluations (one per epoch) without a better val_loss; None: off
+    tokenizer: Optional[str] = None  # None: the one that comes with model.init, else data.tokenizer
+
+
+@dataclasses.dataclass
 class RunConfig:
     name: str = MISSING
     model: ModelSection = dataclasses.field(default_factory=ModelSection)
@@ -100,6 +115,12 @@ class RunConfig:
     batch: BatchSection = dataclasses.field(default_factory=BatchSection)
     run: RunSection = dataclasses.field(default_factory=RunSection)
     parallel: ParallelSection = dataclasses.field(default_factory=ParallelSection)
+    finetune: FinetuneSection = dataclasses.field(default_factory=FinetuneSection)
+
+
+def row_length(config: RunConfig) -> int:
+    """Training positions per row: finetune.max_tokens when fine-tuning, else data.seq_len."""
+    return config.finetune.max_tokens if config.finetune.train_files else config.data.seq_len
 
 
 def list_presets() -> list[str]:
@@ -146,11 +167,16 @@ def _check(config: RunConfig) -> None:
                          ("batch", "micro_batch_per_device"), ("run", "eval_batches")):
         if getattr(getattr(config, section), key) <= 0:
             raise RunConfigError(f"{section}.{key} must be positive")
-    if config.batch.global_batch_tokens % config.data.seq_len:
+    length_key = "finetune.max_tokens" if config.finetune.train_files else "data.seq_len"
+    if config.batch.global_batch_tokens % row_length(config):
         raise RunConfigError(
             f"batch.global_batch_tokens={config.batch.global_batch_tokens} is not a multiple of "
-            f"data.seq_len={config.data.seq_len}; pick a multiple so every row is a full sequence"
+            f"{length_key}={row_length(config)}; pick a multiple so every row is a full sequence"
         )
+    f = config.finetune
+    if not 0 <= f.val_fraction < 1 or f.epochs <= 0 or f.max_tokens <= 0 or (f.patience is not None and f.patience <= 0):
+        raise RunConfigError("finetune: val_fraction must be in [0, 1), epochs and max_tokens positive, "
+                             "patience positive or null")
 
 
 def to_yaml(config: RunConfig) -> str:

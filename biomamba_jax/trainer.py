@@ -1,9 +1,19 @@
-"""The pretraining run: plan, initialise, train, evaluate, checkpoint, resume, export.
+"""The training run loop, shared by pretraining and fine-tuning: plan, initialise, train,
+evaluate, checkpoint, resume, early-stop, export.
 
-`pretrain(config)` is what `scripts/pretrain.py` calls. Pieces it is built from, each
-importable on its own: `run_config` (configs and overrides), `training` (optimizer, loss,
-the one train step), `parallel` (pmap or Mesh placement and the batch plan),
-`checkpointing` (orbax), `data.loader` (grain batches) and `pretrained` (init and export).
+`Trainer` owns everything that does not depend on the data: the optimizer, the parallel
+layout, orbax checkpoints with resume, metrics (JSONL + TensorBoard), the progress bar,
+SIGTERM, non-finite steps, the evaluation hook and the final export. What a run trains on
+is a *task* (see `Task`): the train batches (an iterator with `get_state`/`set_state`, so
+a resumed run reads exactly the next batch), the evaluation sets, the step count and the
+tokenizer files to ship with the export. `PubmedTask` below is pretraining;
+`finetune.BioASQTask` is supervised fine-tuning.
+
+`pretrain(config)` is what `scripts/pretrain.py` calls, `finetune.finetune(config)` what
+`scripts/finetune.py` calls. Pieces each is built from, importable on their own:
+`run_config` (configs and overrides), `training` (optimizer, loss, the one train step),
+`parallel` (pmap or Mesh placement and the batch plan), `checkpointing` (orbax),
+`data.loader` (grain batches) and `pretrained` (init and export).
 """
 
 from __future__ import annotations
@@ -11,12 +21,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import shlex
 import signal
-import sys
 import time
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Iterable, Iterator, Optional, Protocol
 
 import jax
 import numpy as np
@@ -26,18 +34,139 @@ from tqdm.auto import tqdm
 from .checkpointing import Checkpointer
 from .config import MambaConfig
 from .parallel import BatchPlan, initialize_distributed, make_layout
-from .pretrained import export_hf, load_checkpoint, model_from_params
+from .pretrained import export_hf
 from .run_config import RunConfig, to_yaml
 from .training import (TrainState, lr_schedule, make_eval_step, make_optimizer, make_train_step,
                        model_flops_per_token, peak_flops_per_device)
 
-__all__ = ["pretrain", "RunError", "Trainer"]
+__all__ = ["pretrain", "RunError", "Trainer", "Task", "PubmedTask"]
 
 OFFLINE_TOKENIZER = "offline-bytes"
 
 
 class RunError(RuntimeError):
     """A run that cannot start or must stop, with the reason and what to do."""
+
+
+# ------------------------------------------------------------------------ tasks
+class Task(Protocol):
+    """What a run trains and evaluates on. Attributes:
+
+    summary_name   e.g. "pretrain" / "finetune": names the run in logs and the summary.
+    seq_len        training positions per row (rows are `seq_len + 1` tokens).
+    patience       stop after this many evaluations without a better `val_loss` and
+                   export the best checkpoint; None trains to the last step.
+    """
+
+    summary_name: str
+    seq_len: int
+    patience: Optional[int]
+
+    def prepare(self, model_config: MambaConfig, is_main: bool, log: Callable) -> None:
+        """Build or check the data before anything is compiled; raise RunError if unusable."""
+
+    def total_steps(self, plan: BatchPlan) -> int:
+        """Optimizer steps of the whole run (the lr schedule spans them)."""
+
+    def eval_every(self, plan: BatchPlan) -> int: ...
+
+    def train_batches(self, plan: BatchPlan) -> Iterator[dict]:
+        """Endless iterator of this process's rows {"tokens" (rows, L+1), "loss_mask" (rows, L),
+        optional "attention_mask" (rows, L)}, with `get_state()` / `set_state(state)`."""
+
+    def eval_sets(self, rows: int) -> dict[str, Callable[[], Iterable[dict]]]:
+        """Evaluation sets by name, each a function giving batches of `rows` rows; "val"
+        (if present) drives checkpoint retention and early stopping."""
+
+    def export_files(self) -> dict[str, Path]:
+        """Files to ship inside the final export (tokenizer files), by name."""
+
+    def describe(self) -> dict:
+        """Facts about the training data for the summary and the model card."""
+
+
+class _LossMaskedBatches:
+    """Pretraining rows {"tokens", "segment_ids"} -> train-step batches; passes the state through."""
+
+    def __init__(self, loader):
+        self.loader = loader
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        batch = next(self.loader)
+        return {"tokens": batch["tokens"], "loss_mask": (batch["segment_ids"][:, 1:] != 0).astype(np.float32)}
+
+    def get_state(self):
+        return self.loader.get_state()
+
+    def set_state(self, state) -> None:
+        self.loader.set_state(state)
+
+
+class PubmedTask:
+    """Next-token pretraining on a prepared PubMed directory (`data.*` of the run config)."""
+
+    summary_name = "pretrain"
+    patience = None
+
+    def __init__(self, config: RunConfig):
+        self.config = config
+        self.seq_len = config.data.seq_len
+        self.manifest: dict = {}
+
+    def prepare(self, model_config: MambaConfig, is_main: bool, log: Callable) -> None:
+        if self.config.data.synthetic_files and is_main:
+            _prepare_synthetic_data(self.config, log)
+        self.manifest = _check_data(self.config, model_config.vocab_size)
+
+    def total_steps(self, plan: BatchPlan) -> int:
+        return self.config.run.steps
+
+    def eval_every(self, plan: BatchPlan) -> int:
+        return self.config.run.eval_every
+
+    def train_batches(self, plan: BatchPlan):
+        from .data import make_lm_loader
+
+        return _LossMaskedBatches(make_lm_loader(self.config.data.dir, "train", self.seq_len,
+                                                 plan.rows_per_process, seed=self.config.data.seed))
+
+    def _validation(self, rows: int):
+        from .data import make_lm_loader
+
+        loader = make_lm_loader(self.config.data.dir, "validation", self.seq_len, rows,
+                                shuffle=False, num_epochs=1, drop_remainder=False, pad_final=True)
+        for index, batch in enumerate(loader):
+            if index >= self.config.run.eval_batches:
+                break
+            yield {
+                "tokens": batch["tokens"],
+                "loss_mask": (batch["segment_ids"][:, 1:] != 0).astype(np.float32),
+                "attention_mask": (batch["segment_ids"][:, :-1] != 0).astype(np.int32),
+            }
+
+    def eval_sets(self, rows: int) -> dict:
+        return {"val": lambda: self._validation(rows)}
+
+    def export_files(self) -> dict[str, Path]:
+        name = self.manifest.get("tokenizer", {}).get("name")
+        path = Path(name) if name else None
+        if path is not None and path.is_file() and path.name == "tokenizer.json":
+            return {"tokenizer.json": path}
+        return {}
+
+    def describe(self) -> dict:
+        splits = self.manifest.get("splits", {})
+        return {
+            "task": "pretrain",
+            "data_dir": str(self.config.data.dir),
+            "train_tokens": splits.get("train", {}).get("tokens"),
+            "documents": self.manifest.get("counts", {}).get("documents"),
+            "tokenizer": self.manifest.get("tokenizer", {}).get("name"),
+            "synthetic": bool(self.config.data.synthetic_files),
+        }
 
 
 # ------------------------------------------------------------------------ set-up
@@ -79,7 +208,7 @@ def _check_data(config: RunConfig, vocab_size: int) -> dict:
 
 
 def _initial_model(config: RunConfig) -> tuple[MambaConfig, dict]:
-    """(model config, numpy-or-jax params) from `model.init`: random or a checkpoint."""
+    """(model config, numpy-or-jax params) from `model.init`: random, a checkpoint or a run."""
     runtime = dict(dtype=config.model.dtype, scan_impl=config.model.scan_impl, remat=config.model.remat)
     if config.model.init == "random":
         overrides = {} if config.model.vocab_size is None else {"vocab_size": config.model.vocab_size}
@@ -89,7 +218,9 @@ def _initial_model(config: RunConfig) -> tuple[MambaConfig, dict]:
 
         model = MambaLM(model_config, rngs=nnx.Rngs(config.run.seed))
         return model_config, model_params(model)
-    model_config, params, _ = load_checkpoint(config.model.init, **runtime)
+    from .runs import load_model
+
+    model_config, params, _ = load_model(config.model.init, **runtime)
     return model_config, params
 
 
@@ -148,34 +279,38 @@ class Trainer:
     """Everything one run needs, built once by `Trainer.build` before any compile."""
 
     config: RunConfig
+    task: object  # a Task
     model_config: MambaConfig
     plan: BatchPlan
     layout: object
     graphdef: object
     optimizer: object
+    total_steps: int
     out_dir: Path
     is_main: bool
     log: Callable
 
     @classmethod
-    def build(cls, config: RunConfig, log: Callable = print) -> "Trainer":
+    def build(cls, config: RunConfig, log: Callable = print, task=None) -> "Trainer":
+        """`task` defaults to pretraining on `config.data` (`PubmedTask`)."""
         initialize_distributed(config.parallel.coordinator_address, config.parallel.num_processes,
                                config.parallel.process_id)
+        task = PubmedTask(config) if task is None else task
         is_main = jax.process_index() == 0
-        plan = BatchPlan.from_tokens(config.batch.global_batch_tokens, config.data.seq_len,
+        quiet = log if is_main else (lambda *_: None)
+        plan = BatchPlan.from_tokens(config.batch.global_batch_tokens, task.seq_len,
                                      config.batch.micro_batch_per_device, jax.device_count(),
                                      jax.process_count())
-        if config.data.synthetic_files and is_main:
-            _prepare_synthetic_data(config, log)
         model_config, params = _initial_model(config)
-        _check_data(config, model_config.vocab_size)
+        task.prepare(model_config, is_main, quiet)
+        total_steps = task.total_steps(plan)
         layout = make_layout(config.parallel.mode, plan, config.parallel.fsdp)
         from .model import MambaLM
 
         graphdef = nnx.graphdef(nnx.eval_shape(lambda: MambaLM(model_config, rngs=nnx.Rngs(0))))
-        trainer = cls(config, model_config, plan, layout, graphdef,
-                      make_optimizer(config.optim, config.run.steps), Path(config.run.out_dir),
-                      is_main, log if is_main else (lambda *_: None))
+        trainer = cls(config, task, model_config, plan, layout, graphdef,
+                      make_optimizer(config.optim, total_steps), total_steps, Path(config.run.out_dir),
+                      is_main, quiet)
         trainer._initial_params = params
         return trainer
 
@@ -186,33 +321,15 @@ class Trainer:
         rng = np.asarray(jax.random.key_data(jax.random.PRNGKey(self.config.run.seed)))
         return TrainState(params, opt_state, np.int32(0), rng)
 
-    def train_loader(self):
-        from .data import make_lm_loader
-
-        return make_lm_loader(self.config.data.dir, "train", self.config.data.seq_len,
-                              self.plan.rows_per_process, seed=self.config.data.seed)
-
-    def eval_batches(self):
-        from .data import make_lm_loader
-
-        rows = self.plan.local_devices * self.plan.micro_batch
-        loader = make_lm_loader(self.config.data.dir, "validation", self.config.data.seq_len, rows,
-                                shuffle=False, num_epochs=1, drop_remainder=False, pad_final=True)
-        for index, batch in enumerate(loader):
-            if index >= self.config.run.eval_batches:
-                break
-            yield {
-                "tokens": batch["tokens"],
-                "loss_mask": (batch["segment_ids"][:, 1:] != 0).astype(np.float32),
-                "attention_mask": (batch["segment_ids"][:, :-1] != 0).astype(np.int32),
-            }
-
     def print_plan(self, start_step: int, params) -> None:
         c, p = self.config, self.plan
         n_params = sum(int(np.prod(np.shape(x))) for x in jax.tree.leaves(params))
         devices = jax.devices()
         self.log("\n".join([
             f"== {c.name}: plan ==",
+            f"task         {self.task.summary_name}"
+            + (f", early stopping after {self.task.patience} evaluations without a better val_loss"
+               if self.task.patience else ""),
             f"devices      {len(devices)} x {devices[0].device_kind} ({jax.process_count()} process(es)), "
             f"parallel={self.layout.name}{' +fsdp' if c.parallel.fsdp else ''}",
             f"model        {n_params / 1e6:.1f}M params, d_model {self.model_config.d_model}, "
@@ -220,35 +337,60 @@ class Trainer:
             f"scan {self.model_config.scan_impl}, remat {self.model_config.remat}",
             f"batch        {p.global_rows} x {p.seq_len} = {p.tokens_per_step:,} tokens/step; "
             f"micro-batch {p.micro_batch}/device x {p.num_devices} devices x {p.micro_steps} accumulation",
-            f"steps        {start_step} -> {c.run.steps} ({(c.run.steps - start_step) * p.tokens_per_step:,} tokens)",
+            f"steps        {start_step} -> {self.total_steps} "
+            f"({(self.total_steps - start_step) * p.tokens_per_step:,} tokens)",
             f"checkpoints  every {c.run.checkpoint_every} steps, keep {c.run.keep_checkpoints} + best, "
             f"~{checkpoint_size_bytes(params) / 2**20:,.1f} MiB each, in {self.out_dir / 'checkpoints'}",
         ]))
 
     def evaluate(self, eval_step, params) -> dict:
-        total, count = 0.0, 0.0
-        for batch in self.eval_batches():
-            loss_sum, tokens = eval_step(params, batch)
-            total, count = total + loss_sum, count + tokens
-        if count == 0:
-            return {}
-        loss = total / count
-        return {"val_loss": loss, "val_perplexity": math.exp(min(loss, 50.0)), "val_tokens": count}
+        """Mean loss per target token of every evaluation set: `{name}_loss`, `{name}_perplexity`."""
+        results = {}
+        rows = self.plan.local_devices * self.plan.micro_batch
+        for name, batches in self.task.eval_sets(rows).items():
+            total, count = 0.0, 0.0
+            for batch in batches():
+                loss_sum, tokens = eval_step(params, batch)
+                total, count = total + loss_sum, count + tokens
+            if count:
+                loss = total / count
+                results.update({f"{name}_loss": loss, f"{name}_perplexity": math.exp(min(loss, 50.0)),
+                                f"{name}_tokens": count})
+        return results
+
+    def _export(self, state, checkpointer: Checkpointer, meta: dict, summary: dict) -> None:
+        """Write hf/ from the final state, or from the best checkpoint when early stopping."""
+        params = None
+        best_step = meta.get("best_step")
+        if self.task.patience and best_step is not None:
+            from .runs import restore_params
+
+            params, _ = restore_params(self.out_dir, best_step)
+            summary["exported_step"] = best_step
+        elif self.is_main:
+            params = jax.tree.map(np.asarray, self.layout.gather_state(state).params)
+            summary["exported_step"] = summary["final_step"]
+        if self.is_main:
+            export_hf(params, self.model_config, self.out_dir / "hf", overwrite=True,
+                      extra_files=self.task.export_files())
+            summary["hf_export"] = str(self.out_dir / "hf")
 
     # ---------------------------------------------------------------- loop
     def run(self, resume: bool = False) -> dict:
         c = self.config
+        total_steps = self.total_steps
         if self.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             (self.out_dir / "config.yaml").write_text(to_yaml(c))
             (self.out_dir / "model_config.json").write_text(json.dumps(self.model_config.to_dict(), indent=2))
         host_state = self.initial_state()
         checkpointer = Checkpointer(self.out_dir / "checkpoints", keep=c.run.keep_checkpoints)
-        train_iter = self.train_loader()
+        train_iter = self.task.train_batches(self.plan)
         meta = {"skipped_steps": 0}
         start = 0
         latest = checkpointer.latest_step()
         if latest is not None and not resume:
+            checkpointer.close()
             raise RunError(f"{self.out_dir} already holds checkpoints (latest step {latest}): "
                            "pass --resume to continue, or choose another run.out_dir")
         if resume and latest is not None:
@@ -263,35 +405,31 @@ class Trainer:
             state = self.layout.place_state(host_state)
         self.print_plan(start, host_state.params)
 
-        train_step = self.layout.compile_train_step(lambda axis: make_train_step(self.graphdef, self.optimizer, axis))
-        eval_step = self.layout.compile_eval_step(lambda axis: make_eval_step(self.graphdef, axis))
-        schedule = lr_schedule(c.optim.peak_lr, c.optim.warmup_steps, c.run.steps, c.optim.final_lr_fraction)
-        flops_per_token = model_flops_per_token(self.model_config, c.data.seq_len)
+        train_step = self.layout.compile_train_step(self.graphdef, self.optimizer)
+        eval_step = self.layout.compile_eval_step(self.graphdef)
+        schedule = lr_schedule(c.optim.peak_lr, c.optim.warmup_steps, total_steps, c.optim.final_lr_fraction)
+        eval_every = self.task.eval_every(self.plan)
+        flops_per_token = model_flops_per_token(self.model_config, self.plan.seq_len)
         peak = peak_flops_per_device(jax.devices()[0])
         metrics_log = MetricsLog(self.out_dir, self.is_main)
         stop = _StopRequest()
-        summary = {"start_step": start, "stopped_by": None}
+        summary = {"task": self.task.summary_name, "start_step": start, "stopped_by": None}
         consecutive_nonfinite, last_eval, losses, pending_skips = 0, {}, [], []
 
         def save(step, val_loss=None):
             checkpointer.save(step, self.layout.checkpoint_view(state), train_iter.get_state(), meta, val_loss)
 
-        bar = tqdm(total=c.run.steps, initial=start, disable=not self.is_main, dynamic_ncols=True, unit="step")
+        bar = tqdm(total=total_steps, initial=start, disable=not self.is_main, dynamic_ncols=True, unit="step")
         window_start, window_tokens = time.perf_counter(), 0
         step = start
         try:
-            while step < c.run.steps:
-                batch = next(train_iter)
-                placed = self.layout.place_batch({
-                    "tokens": batch["tokens"],
-                    "loss_mask": (batch["segment_ids"][:, 1:] != 0).astype(np.float32),
-                })
-                state, metrics = train_step(state, placed)
+            while step < total_steps:
+                state, metrics = train_step(state, self.layout.place_batch(next(train_iter)))
                 step += 1
                 window_tokens += self.plan.tokens_per_step
                 # Kept on device until the next log line, so steps are not synchronised.
                 pending_skips.append(metrics["skipped"])
-                if step % c.run.log_every == 0 or step == c.run.steps or step == start + 1:
+                if step % c.run.log_every == 0 or step == total_steps or step == start + 1:
                     values = self.layout.metrics(metrics)
                     elapsed = time.perf_counter() - window_start
                     tokens_per_s = window_tokens / elapsed
@@ -318,39 +456,64 @@ class Trainer:
                         )
                 bar.update(1)
                 val_loss = None
-                if step % c.run.eval_every == 0 or step == c.run.steps:
+                if step % eval_every == 0 or step == total_steps:
                     last_eval = self.evaluate(eval_step, state.params)
                     if last_eval:
-                        val_loss = last_eval["val_loss"]
                         metrics_log.write(step, last_eval)
-                        bar.write(f"step {step}: val_loss {val_loss:.4f}, ppl {last_eval['val_perplexity']:.2f}")
+                        bar.write(f"step {step}: " + ", ".join(
+                            f"{k} {v:.4f}" for k, v in last_eval.items() if k.endswith("_loss")))
+                    val_loss = last_eval.get("val_loss")
+                    if val_loss is not None:
+                        self._track_best(step, val_loss, meta, stop)
                 if step == c.run.stop_at and not stop.signal_name:
                     stop.signal_name = f"run.stop_at={c.run.stop_at}"
-                if step % c.run.checkpoint_every == 0 or step == c.run.steps or stop.signal_name:
+                if step % c.run.checkpoint_every == 0 or step == total_steps or stop.signal_name \
+                        or val_loss is not None and self.task.patience:
                     save(step, val_loss)
                 if stop.signal_name:
                     summary["stopped_by"] = stop.signal_name
-                    self.log(f"\n{stop.signal_name}: saved step {step}; resume with --resume")
+                    if not stop.signal_name.startswith("early stopping"):
+                        self.log(f"\n{stop.signal_name}: saved step {step}; resume with --resume")
                     break
+        except BaseException:
+            checkpointer.close()
+            raise
         finally:
             bar.close()
-            checkpointer.close()
             metrics_log.close()
             stop.restore()
 
-        summary.update(final_step=step, losses=losses, eval=last_eval,
-                       skipped_steps=meta.get("skipped_steps", 0))
-        if step == c.run.steps and c.run.export_hf and self.is_main:
-            params = jax.tree.map(np.asarray, self.layout.gather_state(state).params)
-            export_hf(params, self.model_config, self.out_dir / "hf", overwrite=True)
-            summary["hf_export"] = str(self.out_dir / "hf")
+        summary.update(final_step=step, total_steps=total_steps, losses=losses, eval=last_eval,
+                       skipped_steps=meta.get("skipped_steps", 0), best_step=meta.get("best_step"),
+                       best_val_loss=meta.get("best_val_loss"), data=self.task.describe())
+        try:
+            finished = step == total_steps or str(summary["stopped_by"]).startswith("early stopping")
+            checkpointer.wait()
+            if finished and c.run.export_hf:
+                self._export(state, checkpointer, meta, summary)
+        finally:
+            checkpointer.close()
         if self.is_main:
             (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
             first, last = (losses[0][1], losses[-1][1]) if losses else (float("nan"),) * 2
-            self.log(f"== done: step {step}/{c.run.steps}, loss {first:.4f} -> {last:.4f}"
-                     + (f", val_loss {last_eval['val_loss']:.4f}" if last_eval else "")
+            self.log(f"== done: step {step}/{total_steps}, loss {first:.4f} -> {last:.4f}"
+                     + (f", val_loss {last_eval['val_loss']:.4f}" if "val_loss" in last_eval else "")
+                     + (f", best val_loss {meta['best_val_loss']:.4f} at step {meta['best_step']}"
+                        if self.task.patience and meta.get("best_step") is not None else "")
                      + f", skipped {summary['skipped_steps']}; outputs in {self.out_dir} ==")
         return summary
+
+    def _track_best(self, step: int, val_loss: float, meta: dict, stop: _StopRequest) -> None:
+        """Remember the best validation loss; ask for a stop when patience has run out."""
+        if meta.get("best_val_loss") is None or val_loss < meta["best_val_loss"]:
+            meta.update(best_val_loss=float(val_loss), best_step=step, evals_since_best=0)
+            return
+        meta["evals_since_best"] = meta.get("evals_since_best", 0) + 1
+        patience = self.task.patience
+        if patience and meta["evals_since_best"] >= patience and not stop.signal_name:
+            stop.signal_name = (f"early stopping: val_loss has not improved for {patience} evaluations "
+                                f"(best {meta['best_val_loss']:.4f} at step {meta['best_step']})")
+            self.log(f"\n{stop.signal_name}")
 
 
 def pretrain(config: RunConfig, resume: bool = False, log: Callable = print) -> dict:
