@@ -99,3 +99,12 @@ def test_bad_finetune_inputs_are_named(tmp_path):
         finetune(tiny_config(tmp_path / "a", f"finetune.train_files=[{no_factoid}]"), log=lambda *_: None)
     with pytest.raises(RunError, match="257 ids but the model has 64"):
         finetune(tiny_config(tmp_path / "b", "model.vocab_size=64"), log=lambda *_: None)
+
+
+def test_early_stopping_keeps_and_exports_the_best_checkpoint(tmp_path):
+    # lr 0: the validation loss never improves after the first evaluation, so patience 1 stops at epoch 2.
+    summary = finetune(tiny_config(tmp_path / "run", "optim.peak_lr=0.0", "finetune.val_fraction=0.4",
+                                   "finetune.patience=1", "finetune.epochs=5"), log=lambda *_: None)
+    assert summary["stopped_by"].startswith("early stopping")
+    assert summary["final_step"] == 2 and summary["best_step"] == 1 and summary["exported_step"] == 1
+    assert (tmp_path / "run" / "hf" / "model.safetensors").exists()
