@@ -15,7 +15,7 @@ Layers are created stacked (every parameter has a leading Y axis) and run under
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp

@@ -36,8 +36,7 @@ from .config import MambaConfig
 from .parallel import BatchPlan, initialize_distributed, make_layout
 from .pretrained import export_hf
 from .run_config import RunConfig, to_yaml
-from .training import (TrainState, lr_schedule, make_eval_step, make_optimizer, make_train_step,
-                       model_flops_per_token, peak_flops_per_device)
+from .training import (TrainState, lr_schedule, make_optimizer, model_flops_per_token, peak_flops_per_device)
 
 __all__ = ["pretrain", "RunError", "Trainer", "Task", "PubmedTask"]
 

@@ -20,7 +20,6 @@ stay as they were and the step reports `skipped = 1`.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, Callable, NamedTuple, Optional
 
 import jax

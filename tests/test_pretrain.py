@@ -64,7 +64,7 @@ def test_smoke_preset_runs_and_loss_decreases(tmp_path):
 
 
 def test_resumed_run_reproduces_uninterrupted_losses(data_dir, tmp_path):
-    straight = pretrain(run_config(data_dir, tmp_path / "a", "run.steps=8"), log=lambda *_: None)
+    pretrain(run_config(data_dir, tmp_path / "a", "run.steps=8"), log=lambda *_: None)
     first = pretrain(run_config(data_dir, tmp_path / "b", "run.steps=8", "run.stop_at=4"), log=lambda *_: None)
     assert first["final_step"] == 4 and first["stopped_by"] == "run.stop_at=4"
     resumed = pretrain(run_config(data_dir, tmp_path / "b", "run.steps=8"), resume=True, log=lambda *_: None)
