@@ -91,10 +91,19 @@ def _files_fingerprint(path: Path) -> str:
 
 
 def _parse_spec(spec: str) -> tuple[str, Path]:
+    """NAME=PATH, where PATH may also be a Hugging Face Hub id (downloaded when online)."""
+    from .pretrained import HUB_ID_PATTERN, resolve_source
+
     name, sep, path = spec.partition("=")
     if not sep or not name.strip() or not path.strip():
         raise EvalInputError(f"--model {spec!r}: expected NAME=PATH")
-    return name.strip(), Path(path.strip()).expanduser()
+    path = path.strip()
+    if not Path(path).expanduser().exists() and HUB_ID_PATTERN.match(path):
+        try:
+            return name.strip(), resolve_source(path)
+        except Exception as err:  # noqa: BLE001 - offline, unknown id: bad input either way
+            raise EvalInputError(f"--model {name.strip()}: {err}") from err
+    return name.strip(), Path(path).expanduser()
 
 
 def _model_kind(path: Path) -> str:
@@ -490,7 +499,7 @@ def _plot_bars(results: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def _plot_loss_curves(run_dirs: Sequence[str], path: Path) -> bool:
+def plot_loss_curves(run_dirs: Sequence[str], path: Path) -> bool:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -525,7 +534,7 @@ def write_report(results: list[dict], out_dir: str | Path, models: list[ModelEnt
     out_dir.mkdir(parents=True, exist_ok=True)
     written = {"json": out_dir / "report.json", "markdown": out_dir / "report.md", "bars": out_dir / "scores.png"}
     _plot_bars(results, written["bars"])
-    if run_dirs and _plot_loss_curves(run_dirs, out_dir / "loss_curves.png"):
+    if run_dirs and plot_loss_curves(run_dirs, out_dir / "loss_curves.png"):
         written["loss_curves"] = out_dir / "loss_curves.png"
     report = {
         "models": [{"name": m.name, "path": str(m.path), "backend": m.backend, "tokenizer": m.tokenizer_source,

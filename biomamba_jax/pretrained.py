@@ -47,7 +47,7 @@ NATIVE_CONFIG = "biomamba_config.json"
 WEIGHTS = "model.safetensors"
 SHARD_INDEX = "model.safetensors.index.json"
 TORCH_BIN = "pytorch_model.bin"
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+HUB_ID_PATTERN = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 PathLike = Union[str, Path]
 
 
@@ -149,7 +149,7 @@ def resolve_source(source: PathLike) -> Path:
         if not path.is_dir():
             raise ConversionError(f"{path} is a file; pass the checkpoint directory that holds it")
         return path
-    if _HUB_ID.match(str(source)):
+    if HUB_ID_PATTERN.match(str(source)):
         from huggingface_hub import snapshot_download
 
         try:

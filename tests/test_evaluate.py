@@ -101,3 +101,49 @@ def test_bad_inputs_are_named_before_any_compute(tmp_path, hf_mamba):
     assert evaluate_script.main(["--model", f"x={tmp_path / 'missing'}", "--bioasq", str(TINY),
                                  "--out", str(tmp_path / "o")]) == 2
     assert not (tmp_path / "o").exists()
+
+
+def test_non_mamba_causal_lm_baseline_is_scored_with_torch(hf_mamba, text_file, tmp_path):
+    """A GPT-2 directory (random, tiny, byte-level vocabulary) is a torch-only baseline; its
+    cross-entropy must equal transformers' own loss on the same tokens."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    gpt2_dir = tmp_path / "gpt2"
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=264, n_positions=256, n_embd=32, n_layer=2, n_head=2,
+                                      bos_token_id=0, eos_token_id=0)).eval()
+    gpt2.save_pretrained(str(gpt2_dir))
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (gpt2_dir / name).write_bytes((hf_mamba / name).read_bytes())
+    out = tmp_path / "eval"
+    assert evaluate_script.main(["--model", f"gpt2={gpt2_dir}", "--text", str(text_file), "--out", str(out),
+                                 "--max-tokens", "96", "--no-factoid"]) == 0
+    (row,) = json.loads((out / "report.json").read_text())["results"]
+    assert row["backend"] == "torch" and row["set"] == "text:docs"
+    tokenizer = load_tokenizer(gpt2_dir / "tokenizer.json")
+    nats, count = 0.0, 0
+    for line in text_file.read_text().splitlines():
+        ids = [0] + tokenizer(json.loads(line)["text"])["input_ids"]  # EOS opens a document
+        with torch.no_grad():
+            loss = gpt2(torch.tensor([ids]), labels=torch.tensor([ids])).loss.item()
+        nats, count = nats + loss * (len(ids) - 1), count + len(ids) - 1
+    assert row["tokens"] == count
+    assert row["cross_entropy"] == pytest.approx(nats / count, rel=1e-4)
+
+
+def test_model_given_as_hub_id_is_downloaded(hf_mamba, tmp_path, monkeypatch):
+    import huggingface_hub
+
+    calls = []
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo_id, **_: calls.append(repo_id) or str(hf_mamba))
+    entries = resolve_models(["mamba=state-spaces/mamba-130m-hf"])
+    assert calls == ["state-spaces/mamba-130m-hf"] and [e.backend for e in entries] == ["jax", "torch"]
+
+    def offline(repo_id, **_):
+        raise OSError("no network")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    with pytest.raises(EvalInputError, match="Download it elsewhere"):
+        resolve_models(["mamba=state-spaces/mamba-130m-hf"])

@@ -167,3 +167,25 @@ def test_two_processes_match_one_process(data_dir, tmp_path):
     assert "2 process(es)" in outputs[0][0]
     a, b = logged_losses(tmp_path / "single"), logged_losses(tmp_path / "multi")
     np.testing.assert_allclose([b[s] for s in (1, 2, 3)], [a[s] for s in (1, 2, 3)], rtol=1e-5)
+
+
+def test_consecutive_nonfinite_steps_stop_the_run_with_good_checkpoints(data_dir, tmp_path):
+    """An absurd learning rate makes every loss after the first update non-finite: those
+    updates are skipped, K in a row stop the run, and what is on disk stays finite."""
+    import jax
+
+    from biomamba_jax.checkpointing import Checkpointer
+    from biomamba_jax.trainer import Trainer
+
+    config = run_config(data_dir, tmp_path / "run", "run.steps=50", "run.checkpoint_every=1",
+                        "optim.peak_lr=1e30", "optim.warmup_steps=0", "optim.clip_norm=1e30",
+                        "run.max_consecutive_nonfinite=3")
+    with pytest.raises(RunError, match="3 consecutive steps had a non-finite loss"):
+        pretrain(config, log=lambda *_: None)
+    checkpointer = Checkpointer(tmp_path / "run" / "checkpoints")
+    latest = checkpointer.latest_step()
+    assert latest is not None and latest < 50
+    trainer = Trainer.build(config, log=lambda *_: None)
+    restored = checkpointer.restore(trainer.layout.abstract_checkpoint(trainer.initial_state()))
+    assert all(np.isfinite(np.asarray(leaf)).all() for leaf in jax.tree.leaves(restored.state.params))
+    assert restored.meta["skipped_steps"] >= 1
