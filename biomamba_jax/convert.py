@@ -97,8 +97,8 @@ def expected_param_shapes(config: MambaConfig) -> dict[tuple[str, ...], tuple[in
     from .model import MambaLM
 
     abstract = nnx.eval_shape(lambda: MambaLM(config, rngs=nnx.Rngs(0)))
-    flat = nnx.state(abstract, nnx.Param).flat_state()
-    return {tuple(str(p) for p in path): tuple(var.value.shape) for path, var in flat}
+    flat = nnx.to_flat_state(nnx.state(abstract, nnx.Param))
+    return {tuple(str(p) for p in path): tuple(var.get_value().shape) for path, var in flat}
 
 
 def _active_rules(config: MambaConfig, shapes) -> list[TensorRule]:

@@ -31,7 +31,11 @@ __all__ = ["BatchPlan", "PmapLayout", "ShardingLayout", "make_layout", "initiali
 DATA_AXIS = "data"
 
 
-class BatchSplitError(ValueError):
+class ParallelConfigError(ValueError):
+    """A parallel layout that cannot run as configured, with the fix named."""
+
+
+class BatchSplitError(ParallelConfigError):
     """The global batch cannot be divided over the devices as configured."""
 
 
@@ -241,12 +245,15 @@ def make_layout(mode: str, plan: BatchPlan, fsdp: bool = False):
     if mode == "auto":
         mode = "pmap" if jax.process_count() == 1 else "sharding"
     if mode == "pmap":
+        if jax.process_count() > 1:
+            raise ParallelConfigError("parallel.mode=pmap runs on one host; across hosts use "
+                             "--parallel sharding (jit over a Mesh of every host's devices)")
         if fsdp:
-            raise ValueError("parallel.fsdp needs parallel.mode=sharding (pmap replicates parameters)")
+            raise ParallelConfigError("parallel.fsdp needs parallel.mode=sharding (pmap replicates parameters)")
         return PmapLayout(plan)
     if mode == "sharding":
         return ShardingLayout(plan, fsdp)
-    raise ValueError(f"unknown parallel mode {mode!r}; choose auto, pmap or sharding")
+    raise ParallelConfigError(f"unknown parallel mode {mode!r}; choose auto, pmap or sharding")
 
 
 def initialize_distributed(coordinator_address: Optional[str] = None, num_processes: Optional[int] = None,
@@ -259,7 +266,7 @@ def initialize_distributed(coordinator_address: Optional[str] = None, num_proces
     """
     if coordinator_address or num_processes:
         if not (coordinator_address and num_processes is not None and process_id is not None):
-            raise ValueError("multi-host start-up needs all of --coordinator-address, "
+            raise ParallelConfigError("multi-host start-up needs all of --coordinator-address, "
                              "--num-processes and --process-id (or none, to auto-detect)")
         if os.environ.get("JAX_PLATFORMS", "").startswith("cpu"):
             # CPU devices of different processes talk through gloo. (Asking JAX for its

@@ -54,7 +54,7 @@ PathLike = Union[str, Path]
 # ------------------------------------------------------------------ params <-> model
 def model_params(model: MambaLM) -> dict:
     """The model's parameters as a plain nested dict of arrays (the tree converters see)."""
-    return nnx.state(model, nnx.Param).to_pure_dict()
+    return nnx.to_pure_dict(nnx.state(model, nnx.Param))
 
 
 def model_from_params(config: MambaConfig, params: dict) -> MambaLM:

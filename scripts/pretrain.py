@@ -15,7 +15,9 @@ an unknown key stops the run before anything is compiled.
 import argparse
 import sys
 
-from biomamba_jax.parallel import BatchSplitError
+from biomamba_jax.config import ConfigError
+from biomamba_jax.convert import ConversionError
+from biomamba_jax.parallel import ParallelConfigError
 from biomamba_jax.run_config import RunConfigError, list_presets, load_run_config
 from biomamba_jax.trainer import RunError, pretrain
 
@@ -56,7 +58,7 @@ def main(argv=None) -> int:
     try:
         config = load_run_config(args.preset, args.config, overrides)
         pretrain(config, resume=args.resume)
-    except (RunConfigError, BatchSplitError, RunError, FileNotFoundError) as err:
+    except (RunConfigError, ParallelConfigError, RunError, ConfigError, ConversionError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     # A stop by signal or run.stop_at has saved a checkpoint: that is a clean exit.
