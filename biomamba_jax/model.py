@@ -60,6 +60,23 @@ def _dt_bias_init(config: MambaConfig, key) -> jax.Array:
     return dt + jnp.log(-jnp.expm1(-dt))
 
 
+def causal_depthwise_conv(x, kernel, bias=None):
+    """Causal depthwise conv over time: x (B, L, E), Flax kernel (K, 1, E), bias (E,).
+
+    Written as K shifted multiply-adds that XLA fuses into one elementwise pass, accumulated
+    in fp32. A grouped `lax.conv` with E groups computes the same, but its filter gradient
+    is a slow grouped-convolution kernel on GPUs. Like PyTorch's Conv1d this is
+    cross-correlation: tap k multiplies x[t - (K - 1) + k].
+    """
+    width, length = kernel.shape[0], x.shape[1]
+    padded = jnp.pad(x, ((0, 0), (width - 1, 0), (0, 0))).astype(jnp.float32)
+    taps = kernel[:, 0, :].astype(jnp.float32)  # (K, E)
+    out = sum(padded[:, k:k + length] * taps[k] for k in range(width))
+    if bias is not None:
+        out = out + bias.astype(jnp.float32)
+    return out.astype(x.dtype)
+
+
 class MambaMixer(nnx.Module):
     """The selective-SSM mixer of one Mamba-1 block."""
 
@@ -69,6 +86,7 @@ class MambaMixer(nnx.Module):
         dtype = jnp.dtype(c.dtype)
         linear = dict(dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
         self.in_proj = nnx.Linear(c.d_model, 2 * c.d_inner, use_bias=c.proj_bias, **linear)
+        # Holds the conv parameters in Flax's layout; the forward is `causal_depthwise_conv`.
         self.conv1d = nnx.Conv(
             c.d_inner, c.d_inner, kernel_size=(c.d_conv,), feature_group_count=c.d_inner,
             padding=((c.d_conv - 1, 0),), use_bias=c.conv_bias, **linear,
@@ -106,7 +124,8 @@ class MambaMixer(nnx.Module):
             # Zero padded inputs before the conv so they add nothing to real tokens' windows.
             x = x * mask[..., None].astype(dtype)
         pre_conv = x
-        x = jax.nn.silu(self.conv1d(x))
+        x = jax.nn.silu(causal_depthwise_conv(
+            x, self.conv1d.kernel[...], self.conv1d.bias[...] if c.conv_bias else None))
         delta, B, C = self._ssm_inputs(x)
         y, ssm_state = selective_scan(
             x, delta, -jnp.exp(self.A_log[...]), B, C, self.D[...], z,

@@ -169,3 +169,26 @@ def test_remat_and_scan_impl_do_not_change_values(tiny_pair):
     for changes in (dict(remat="full"), dict(remat="dots"), dict(scan_impl="reference")):
         other = model_from_params(model.config.replace(**changes), params)
         assert rel_err(other(ids), model(ids)) < 1e-5
+
+
+def test_causal_depthwise_conv_equals_grouped_lax_conv():
+    """The shifted multiply-add conv against Flax's grouped convolution: values and grads."""
+    from biomamba_jax.model import causal_depthwise_conv
+
+    conv = nnx.Conv(6, 6, kernel_size=(4,), feature_group_count=6, padding=((3, 0),), use_bias=True,
+                    rngs=nnx.Rngs(0))
+    conv.bias[...] = jax.random.normal(jax.random.PRNGKey(2), (6,))
+    x = jax.random.normal(jax.random.PRNGKey(1), (2, 9, 6))
+    weights = jax.random.normal(jax.random.PRNGKey(3), (2, 9, 6))
+    ours = lambda x, k, b: jnp.sum(causal_depthwise_conv(x, k, b) * weights)
+    assert rel_err(causal_depthwise_conv(x, conv.kernel[...], conv.bias[...]), conv(x)) < 1e-6
+
+    graphdef, _ = nnx.split(conv)
+
+    def grouped(x, k, b):
+        return jnp.sum(nnx.merge(graphdef, {"kernel": nnx.Param(k), "bias": nnx.Param(b)})(x) * weights)
+
+    kernel, bias = conv.kernel[...], conv.bias[...]
+    for ours_grad, ref_grad in zip(jax.grad(ours, argnums=(0, 1, 2))(x, kernel, bias),
+                                   jax.grad(grouped, argnums=(0, 1, 2))(x, kernel, bias)):
+        assert rel_err(ours_grad, ref_grad) < 1e-6
