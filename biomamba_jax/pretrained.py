@@ -29,7 +29,8 @@ from safetensors.numpy import load_file as load_safetensors
 from safetensors.numpy import save_file as save_safetensors
 
 from .config import ConfigError, MambaConfig
-from .convert import HF, MAMBA_SSM, ConversionError, jax_to_torch_state, torch_to_jax_params
+from .convert import (HF, MAMBA_SSM, ConversionError, expected_param_shapes, jax_to_torch_state,
+                      torch_to_jax_params)
 from .model import MambaLM
 
 __all__ = [
@@ -182,7 +183,15 @@ def load_checkpoint(source: PathLike, **runtime) -> tuple[MambaConfig, dict, str
             for name in parents:
                 node = node.setdefault(name, {})
             node[leaf] = value
-        # Check the tree through the same table the PyTorch formats use.
+        # Missing tensors and wrong shapes are caught by the table the PyTorch formats use;
+        # leftovers would be silently dropped by it, so name them here.
+        expected = {".".join(path) for path in expected_param_shapes(config)}
+        unexpected = sorted(set(flat) - expected)
+        if unexpected:
+            raise ConversionError(
+                f"{directory / WEIGHTS} has {len(unexpected)} tensor(s) this config does not use: "
+                f"{unexpected[:5]}; does {NATIVE_CONFIG} describe these weights?"
+            )
         jax_to_torch_state(params, config, HF)
         return config, params, fmt
     tensors = _read_weights(directory)

@@ -200,6 +200,13 @@ def _unknown_native_field(src):
     path.write_text(json.dumps({**json.loads(path.read_text()), "d_modle": 64}))
 
 
+def _unexpected_native_tensor(src):
+    save_pretrained(load_checkpoint(src)[1], load_checkpoint(src)[0], src, overwrite=True)
+    tensors = load_file(src / "model.safetensors")
+    tensors["layers.mixer.extra_gate"] = np.zeros(3, np.float32)
+    save_file(tensors, str(src / "model.safetensors"))
+
+
 def _garbage_safetensors(src):
     (src / "model.safetensors").write_bytes(b"\x00garbage" * 100)
 
@@ -218,6 +225,8 @@ BAD_INPUTS = {
     "missing key": (_missing_key, ConversionError, ["missing tensor", "backbone.layers.1.mixer.D"]),
     "wrong shape": (_wrong_shape, ConversionError, ["backbone.layers.1.mixer.dt_proj.bias", "(100,)", "(128,)"]),
     "unknown native field": (_unknown_native_field, ConfigError, ["unknown MambaConfig field", "d_modle"]),
+    "unexpected native tensor": (_unexpected_native_tensor, ConversionError,
+                                 ["1 tensor(s) this config does not use", "layers.mixer.extra_gate"]),
     "garbage safetensors": (_garbage_safetensors, ConversionError, ["cannot read safetensors", "model.safetensors"]),
     "garbage torch bin": (_garbage_torch_bin, ConversionError, ["cannot read PyTorch checkpoint", "pytorch_model.bin"]),
     "config vs weights": (_config_disagrees_with_weights, ConversionError,
@@ -237,7 +246,7 @@ def test_bad_checkpoint_gives_clear_error_and_no_output(hf_model, tmp_path, caps
 
     capsys.readouterr()
     dst = tmp_path / "out"
-    module = jax_to_torch if case == "unknown native field" else torch_to_jax
+    module = jax_to_torch if "native" in case else torch_to_jax
     extra = ["--format", "hf"] if module is jax_to_torch else []
     assert module.main([str(src), str(dst), *extra]) == 2
     err = capsys.readouterr().err
