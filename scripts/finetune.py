@@ -15,12 +15,9 @@ are `section.key=value` pairs on top of the preset (biomamba_jax/configs/*.yaml)
 import argparse
 import sys
 
-from biomamba_jax.config import ConfigError
-from biomamba_jax.convert import ConversionError
 from biomamba_jax.finetune import finetune
-from biomamba_jax.parallel import ParallelConfigError
-from biomamba_jax.run_config import RunConfigError, list_presets, load_run_config
-from biomamba_jax.trainer import RunError
+from biomamba_jax.run_config import list_presets, load_run_config
+from biomamba_jax.trainer import USER_ERRORS
 
 
 def parse_args(argv=None):
@@ -51,7 +48,7 @@ def main(argv=None) -> int:
     try:
         config = load_run_config(args.preset, args.config, overrides)
         finetune(config, resume=args.resume)
-    except (RunConfigError, ParallelConfigError, RunError, ConfigError, ConversionError, FileNotFoundError) as err:
+    except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -15,11 +15,8 @@ an unknown key stops the run before anything is compiled.
 import argparse
 import sys
 
-from biomamba_jax.config import ConfigError
-from biomamba_jax.convert import ConversionError
-from biomamba_jax.parallel import ParallelConfigError
-from biomamba_jax.run_config import RunConfigError, list_presets, load_run_config
-from biomamba_jax.trainer import RunError, pretrain
+from biomamba_jax.run_config import list_presets, load_run_config
+from biomamba_jax.trainer import USER_ERRORS, pretrain
 
 
 def parse_args(argv=None):
@@ -58,7 +55,7 @@ def main(argv=None) -> int:
     try:
         config = load_run_config(args.preset, args.config, overrides)
         pretrain(config, resume=args.resume)
-    except (RunConfigError, ParallelConfigError, RunError, ConfigError, ConversionError, FileNotFoundError) as err:
+    except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     # A stop by signal or run.stop_at has saved a checkpoint: that is a clean exit.
