@@ -32,19 +32,24 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from .checkpointing import Checkpointer
-from .config import MambaConfig
-from .parallel import BatchPlan, initialize_distributed, make_layout
+from .config import ConfigError, MambaConfig
+from .convert import ConversionError
+from .parallel import BatchPlan, ParallelConfigError, initialize_distributed, make_layout
 from .pretrained import export_hf
-from .run_config import RunConfig, to_yaml
+from .run_config import RunConfig, RunConfigError, to_yaml
 from .training import (TrainState, lr_schedule, make_optimizer, model_flops_per_token, peak_flops_per_device)
 
-__all__ = ["pretrain", "RunError", "Trainer", "Task", "PubmedTask"]
+__all__ = ["pretrain", "RunError", "USER_ERRORS", "Trainer", "Task", "PubmedTask"]
 
 OFFLINE_TOKENIZER = "offline-bytes"
 
 
 class RunError(RuntimeError):
     """A run that cannot start or must stop, with the reason and what to do."""
+
+
+# Bad input that the run scripts report in one line (exit 2) instead of a traceback.
+USER_ERRORS = (RunError, RunConfigError, ParallelConfigError, ConfigError, ConversionError, FileNotFoundError)
 
 
 # ------------------------------------------------------------------------ tasks
@@ -84,6 +89,15 @@ class Task(Protocol):
         """Facts about the training data for the summary and the model card."""
 
 
+def _packed_rows_to_step_batch(batch: dict, with_attention_mask: bool) -> dict:
+    """Loader rows {"tokens", "segment_ids"} -> a train/eval batch; segment id 0 is padding."""
+    step_batch = {"tokens": batch["tokens"],
+                  "loss_mask": (batch["segment_ids"][:, 1:] != 0).astype(np.float32)}
+    if with_attention_mask:
+        step_batch["attention_mask"] = (batch["segment_ids"][:, :-1] != 0).astype(np.int32)
+    return step_batch
+
+
 class _LossMaskedBatches:
     """Pretraining rows {"tokens", "segment_ids"} -> train-step batches; passes the state through."""
 
@@ -94,8 +108,8 @@ class _LossMaskedBatches:
         return self
 
     def __next__(self) -> dict:
-        batch = next(self.loader)
-        return {"tokens": batch["tokens"], "loss_mask": (batch["segment_ids"][:, 1:] != 0).astype(np.float32)}
+        # Training rows are packed without padding, so no attention mask is needed.
+        return _packed_rows_to_step_batch(next(self.loader), with_attention_mask=False)
 
     def get_state(self):
         return self.loader.get_state()
@@ -140,11 +154,7 @@ class PubmedTask:
         for index, batch in enumerate(loader):
             if index >= self.config.run.eval_batches:
                 break
-            yield {
-                "tokens": batch["tokens"],
-                "loss_mask": (batch["segment_ids"][:, 1:] != 0).astype(np.float32),
-                "attention_mask": (batch["segment_ids"][:, :-1] != 0).astype(np.int32),
-            }
+            yield _packed_rows_to_step_batch(batch, with_attention_mask=True)
 
     def eval_sets(self, rows: int) -> dict:
         return {"val": lambda: self._validation(rows)}
@@ -229,6 +239,17 @@ def checkpoint_size_bytes(params) -> int:
 
 
 # ------------------------------------------------------------------------ logging
+def _drop_torn_last_line(path: Path) -> None:
+    """A run killed mid-write can leave a partial last record; a resumed run appending to
+    it would glue its first record onto the fragment. Cut the file back to its last newline."""
+    if not path.exists() or path.stat().st_size == 0:
+        return
+    with open(path, "rb+") as file:
+        data = file.read()
+        if not data.endswith(b"\n"):
+            file.truncate(data.rfind(b"\n") + 1)
+
+
 class MetricsLog:
     """JSONL and TensorBoard event files, written by process 0 only."""
 
@@ -238,7 +259,9 @@ class MetricsLog:
             return
         from tensorboardX import SummaryWriter
 
-        self.jsonl = open(out_dir / "metrics.jsonl", "a", buffering=1)
+        path = out_dir / "metrics.jsonl"
+        _drop_torn_last_line(path)
+        self.jsonl = open(path, "a", buffering=1)
         self.tensorboard = SummaryWriter(str(out_dir / "tensorboard"))
 
     def write(self, step: int, values: dict) -> None:

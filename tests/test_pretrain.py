@@ -44,7 +44,9 @@ def run_config(data_dir, out_dir, *extra):
 
 
 def logged_losses(out_dir) -> dict[int, float]:
-    lines = (Path(out_dir) / "metrics.jsonl").read_text().splitlines()
+    text = (Path(out_dir) / "metrics.jsonl").read_text()
+    # The file may be read while a run is writing (or was killed writing) its last line.
+    lines = text.splitlines() if text.endswith("\n") else text.splitlines()[:-1]
     return {r["step"]: r["loss"] for r in map(json.loads, lines) if "loss" in r}
 
 
@@ -189,3 +191,15 @@ def test_consecutive_nonfinite_steps_stop_the_run_with_good_checkpoints(data_dir
     restored = checkpointer.restore(trainer.layout.abstract_checkpoint(trainer.initial_state()))
     assert all(np.isfinite(np.asarray(leaf)).all() for leaf in jax.tree.leaves(restored.state.params))
     assert restored.meta["skipped_steps"] >= 1
+
+
+def test_metrics_log_drops_a_torn_last_line(tmp_path):
+    """After a kill mid-write, the resumed run's records stay one JSON object per line."""
+    from biomamba_jax.trainer import MetricsLog
+
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "lo')
+    log = MetricsLog(tmp_path, enabled=True)
+    log.write(2, {"loss": 1.5})
+    log.close()
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert records == [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5}]
