@@ -63,6 +63,12 @@ class MambaConfig:
             raise ConfigError(f"MambaConfig.dtype={self.dtype!r}; choose one of {COMPUTE_DTYPES}")
         if self.remat not in REMAT_POLICIES:
             raise ConfigError(f"MambaConfig.remat={self.remat!r}; choose one of {REMAT_POLICIES}")
+        from .scan import parse_scan_impl  # the scan modules do not import this one
+
+        try:
+            parse_scan_impl(self.scan_impl)
+        except ValueError as e:
+            raise ConfigError(f"MambaConfig.scan_impl: {e}") from None
 
     @property
     def d_inner(self) -> int:

@@ -21,7 +21,7 @@ from flax import nnx
 
 from .model import MambaLM
 
-__all__ = ["generate", "GenerationOutput", "sample_next_token", "left_pad"]
+__all__ = ["generate", "GenerationOutput", "sample_next_token", "left_pad", "matmul_weights_in_compute_dtype"]
 
 
 class GenerationOutput(NamedTuple):
@@ -62,15 +62,32 @@ def sample_next_token(logits, rng, *, temperature: float = 0.0, top_k: int = 0, 
     return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
 
 
+def matmul_weights_in_compute_dtype(state, dtype):
+    """The model state with every Linear/Conv kernel cast to `dtype` ahead of time.
+
+    A decode step casts each fp32 kernel to the compute dtype before its matmul, and for
+    one token that cast moves more bytes than the matmul itself; casting once before the
+    token loop gives bit-identical steps. Norms, A_log, D, biases and the embedding table
+    (whose lookup feeds the fp32 residual stream) are left alone.
+    """
+    def cast(path, leaf):
+        names = [getattr(k, "key", getattr(k, "name", None)) for k in path]
+        return leaf.astype(dtype) if "kernel" in names else leaf
+
+    return jax.tree_util.tree_map_with_path(cast, state)
+
+
 @functools.partial(
     jax.jit,
     static_argnames=("graphdef", "max_new_tokens", "temperature", "top_k", "top_p",
-                     "eos_token_id", "pad_token_id"),
+                     "eos_token_id", "pad_token_id", "unroll_layers"),
 )
 def _generate_jit(graphdef, state, input_ids, attention_mask, rng, *, max_new_tokens,
-                  temperature, top_k, top_p, eos_token_id, pad_token_id):
+                  temperature, top_k, top_p, eos_token_id, pad_token_id, unroll_layers):
     model = nnx.merge(graphdef, state)
     logits, cache = model.prefill(input_ids, attention_mask)
+    # The prefill keeps fp32 kernels: its conv runs in fp32 and must match model(...).
+    step_model = nnx.merge(graphdef, matmul_weights_in_compute_dtype(state, jnp.dtype(model.config.dtype)))
     batch = input_ids.shape[0]
     tokens = jnp.full((batch, max_new_tokens), pad_token_id, jnp.int32)
     finished = jnp.zeros((batch,), bool)
@@ -89,7 +106,7 @@ def _generate_jit(graphdef, state, input_ids, attention_mask, rng, *, max_new_to
         lengths = lengths + (~finished).astype(jnp.int32)
         if eos_token_id is not None:
             finished = finished | (token == eos_token_id)
-        next_logits, cache = model.step(token, cache)
+        next_logits, cache = step_model.step(token, cache, unroll_layers=unroll_layers)
         return index + 1, cache, next_logits, tokens, finished, lengths, rng
 
     carry = (jnp.int32(0), cache, logits[:, -1], tokens, finished, lengths, rng)
@@ -109,12 +126,15 @@ def generate(
     eos_token_id: int | None = 0,
     pad_token_id: int = 0,
     rng=None,
+    unroll_layers: bool = True,
 ) -> GenerationOutput:
     """Decode up to `max_new_tokens` after each (left-padded) prompt row.
 
     Greedy when `temperature == 0`; otherwise temperature sampling with optional top-k
     and nucleus (top-p) filtering. A row stops at `eos_token_id` (None disables it) and
     is padded with `pad_token_id` afterwards; the loop ends when every row has stopped.
+    `unroll_layers=False` keeps a `lax.scan` over layers in each step (a smaller program
+    for very deep models; see `MambaLM.step`).
     """
     input_ids = jnp.asarray(input_ids, jnp.int32)
     if input_ids.ndim != 2:
@@ -132,5 +152,6 @@ def generate(
         graphdef, state, input_ids, jnp.asarray(attention_mask), rng,
         max_new_tokens=max_new_tokens, temperature=float(temperature), top_k=int(top_k),
         top_p=float(top_p), eos_token_id=eos_token_id, pad_token_id=pad_token_id,
+        unroll_layers=bool(unroll_layers),
     )
     return GenerationOutput(tokens, lengths)

@@ -237,8 +237,13 @@ class MambaLM(nnx.Module):
         hidden, (conv_state, ssm_state) = self._run_layers(hidden, attention_mask, return_cache=True)
         return self._logits(hidden), MambaCache(conv_state, ssm_state)
 
-    def step(self, token_ids, cache: MambaCache):
-        """One decode step: token_ids (B,) -> (logits (B, V), updated cache)."""
+    def step(self, token_ids, cache: MambaCache, *, unroll_layers: bool = True):
+        """One decode step: token_ids (B,) -> (logits (B, V), updated cache).
+
+        `unroll_layers` writes the layer loop out in full: a decode step is a few small
+        kernels per layer, and as straight-line code XLA launches them without a loop
+        round trip per layer and can hoist per-layer weight work out of a decode loop.
+        """
         graphdef, layer_state = nnx.split(self.layers)
 
         def one_layer(hidden, per_layer):
@@ -248,7 +253,7 @@ class MambaLM(nnx.Module):
 
         hidden = self.embedding(token_ids)
         hidden, (conv_state, ssm_state) = jax.lax.scan(
-            one_layer, hidden, (layer_state, cache.conv_state, cache.ssm_state)
+            one_layer, hidden, (layer_state, cache.conv_state, cache.ssm_state), unroll=bool(unroll_layers)
         )
         return self._logits(hidden), MambaCache(conv_state, ssm_state)
 

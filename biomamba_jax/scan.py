@@ -16,7 +16,8 @@ The recurrence, per channel e and state n (zero-order hold for A, Euler for B):
     y_t = <h_t, C_t> + D * u_t,      then  y_t *= silu(z_t)
 
 Implementations are registered by name in `SCAN_IMPLS` and all take the same normalised
-arguments, so faster kernels drop in without touching the model:
+arguments, so faster kernels drop in without touching the model. An impl string may set
+an impl's options, e.g. ``"pallas:block_e=32:chunk=8"`` or ``"chunked:chunk=64"``:
 
 - ``reference``: a sequential `lax.scan` over time; the numerical ground truth.
 - ``associative``: `jax.lax.associative_scan` over time; parallel in L, but it
@@ -29,6 +30,7 @@ equal to the same row without padding.
 
 from __future__ import annotations
 
+import functools
 from typing import Callable, Optional
 
 import jax
@@ -41,7 +43,9 @@ __all__ = [
     "selective_state_update",
     "register_scan_impl",
     "resolve_scan_impl",
+    "parse_scan_impl",
     "SCAN_IMPLS",
+    "FUSED_SCAN_IMPLS",
 ]
 
 
@@ -110,30 +114,71 @@ SCAN_IMPLS: dict[str, ScanImpl] = {
     "reference": _reference_scan,
     "associative": _associative_scan,
 }
+# Impls that also take selective_scan's own arguments (bias, softplus, D, gate, mask) and
+# do that work themselves, in the inputs' dtype, instead of on fp32 copies in XLA.
+FUSED_SCAN_IMPLS: dict[str, Callable[..., tuple]] = {}
+# Keyword options each impl accepts in an impl string such as "pallas:block_e=32".
+SCAN_IMPL_OPTIONS: dict[str, tuple[str, ...]] = {"reference": (), "associative": ()}
 # Which registered impl `impl="auto"` picks per backend platform; later kernels update it.
 AUTO_IMPL_BY_PLATFORM: dict[str, str] = {}
 
 
-def register_scan_impl(name: str, fn: ScanImpl, *, auto_for: tuple[str, ...] = ()) -> None:
+def register_scan_impl(name: str, fn: ScanImpl, *, auto_for: tuple[str, ...] = (),
+                       options: tuple[str, ...] = (), fused: Optional[Callable[..., tuple]] = None) -> None:
     """Add a scan implementation taking (u, delta, A, B, C, initial_state) in fp32.
 
     `auto_for` lists backend platforms ("gpu", "tpu", "cpu") where `impl="auto"` picks it.
+    `options` names the keyword arguments an impl string may set ("name:key=value:...").
+    `fused`, if given, takes `selective_scan`'s arguments (u, delta, A, B, C, D, z,
+    delta_bias, delta_softplus, initial_state, mask) in their own dtypes and returns
+    (y in u's dtype, fp32 final state); `selective_scan` then calls it instead of `fn`.
     """
     SCAN_IMPLS[name] = fn
+    SCAN_IMPL_OPTIONS[name] = tuple(options)
+    if fused is not None:
+        FUSED_SCAN_IMPLS[name] = fused
     for platform in auto_for:
         AUTO_IMPL_BY_PLATFORM[platform] = name
 
 
-def resolve_scan_impl(impl: str) -> str:
-    """Map "auto" to the preferred impl for the default backend; validate names."""
-    if impl == "auto":
-        return AUTO_IMPL_BY_PLATFORM.get(jax.default_backend(), "associative")
-    if impl not in SCAN_IMPLS:
+def _option_value(text: str):
+    lowered = text.lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    if lowered == "none":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        return text
+
+
+def parse_scan_impl(impl: str) -> tuple[str, dict]:
+    """"pallas:block_e=32:chunk=8" -> ("pallas", {"block_e": 32, "chunk": 8}); "auto"
+    becomes the preferred impl of the default backend. Unknown names and options fail here,
+    naming the valid ones."""
+    name, *pairs = impl.split(":")
+    if name == "auto":
+        name = AUTO_IMPL_BY_PLATFORM.get(jax.default_backend(), "associative")
+    if name not in SCAN_IMPLS:
         raise ValueError(
-            f"unknown selective-scan impl {impl!r}; choose one of "
-            f"{sorted(SCAN_IMPLS) + ['auto']}"
+            f"unknown selective-scan impl {name!r}; choose one of {sorted(SCAN_IMPLS) + ['auto']}"
         )
-    return impl
+    options = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or key not in SCAN_IMPL_OPTIONS[name]:
+            raise ValueError(
+                f"bad option {pair!r} in selective-scan impl {impl!r}; {name!r} takes "
+                f"key=value options from {list(SCAN_IMPL_OPTIONS[name])}"
+            )
+        options[key] = _option_value(value)
+    return name, options
+
+
+def resolve_scan_impl(impl: str) -> str:
+    """The registered impl name an impl string runs ("auto" resolved, options dropped)."""
+    return parse_scan_impl(impl)[0]
 
 
 def selective_scan(
@@ -164,7 +209,13 @@ def selective_scan(
         )
     if delta.shape != u.shape:
         raise ValueError(f"delta {delta.shape} must match u {u.shape}")
-    scan_fn = SCAN_IMPLS[resolve_scan_impl(impl)]
+    name, options = parse_scan_impl(impl)
+    if name in FUSED_SCAN_IMPLS:
+        y, final_state = FUSED_SCAN_IMPLS[name](
+            u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, mask, **options
+        )
+        return (y, final_state) if return_final_state else y
+    scan_fn = functools.partial(SCAN_IMPLS[name], **options)
 
     out_dtype = u.dtype
     delta = _prepare_delta(delta, delta_bias, delta_softplus, mask)

@@ -97,4 +97,4 @@ def chunked_scan(u, delta, A, B, C, initial_state, *, chunk: int = DEFAULT_CHUNK
 
 
 # On GPU the Pallas kernel beats this by far (benchmarks/NOTES.md), so "auto" picks that there.
-register_scan_impl("chunked", chunked_scan, auto_for=("cpu", "tpu"))
+register_scan_impl("chunked", chunked_scan, auto_for=("cpu", "tpu"), options=("chunk", "inner"))

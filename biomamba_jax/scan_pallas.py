@@ -1,27 +1,44 @@
 """Fused selective scan as Pallas kernels (Triton lowering on GPU, interpreter elsewhere).
 
-Forward kernel: one program per (batch row, block of `block_e` channels). The fp32 state
-(block_e, N) stays in registers for the whole sequence; a `fori_loop` walks over chunks
-of `chunk` steps and a Python loop unrolls the steps of one chunk, so the loads of a
-whole chunk are independent of the state and can all be in flight at once. The kernel
-writes y (without D and gate), the final state and, when a gradient is needed, the
-state at the start of every chunk (B, L / chunk, E, N).
+Forward kernel: one program per (batch row, block of `block_e` channels, segment of the
+sequence). The fp32 state (block_e, N) stays in registers; a `fori_loop` walks over chunks
+of `chunk` steps and a Python loop unrolls the steps of one chunk. Each loop iteration
+first issues the loads of the *next* chunk and then computes the current one, so global
+memory latency overlaps with arithmetic instead of stalling every chunk. The kernel
+writes y, the state at the end of its segment and, when a gradient is needed, the state
+at the start of every chunk (B, L / chunk, E, N).
 
-Backward kernel (`jax.custom_vjp`): the same grid, walking chunks in reverse. For each
-chunk it reloads the saved start state, recomputes the chunk's `chunk` states in
-registers, then runs the adjoint recurrence g_{t-1} = exp(delta_t A) g_t backwards,
-emitting du, ddelta and per-channel-block partial sums of dB, dC (reduced over the
-blocks afterwards) and dA (reduced over the batch afterwards).
+Fusion (`selective_scan(..., impl="pallas")`): the kernels take u, the raw delta and z in
+the compute dtype (bf16 in training) and do the dt bias, softplus, D skip and SiLU gate in
+registers, so none of those (B, L, E) fp32 intermediates goes through HBM; y is written
+in the compute dtype. The backward writes du, d(raw delta) and dz in their dtypes and
+per-row partial sums of dD and the dt bias gradient.
+
+Backward kernel (`jax.custom_vjp`): the same grid, walking chunks in reverse. It reloads
+a chunk's saved start state, recomputes the chunk's states and decays in registers, then
+runs the adjoint recurrence g_{t-1} = exp(delta_t A) g_t backwards, emitting du, ddelta
+and per-channel-block partial sums of dB, dC (reduced over the blocks afterwards) and dA.
+
+Segments: a grid of B * E / block_e programs is too small to fill a GPU at batch 1 (96
+programs for Mamba-130m against 132 SMs on an H100), and each program then walks the whole
+sequence alone. When the grid is smaller than `min_programs`, the sequence is split into
+S segments run in parallel. Forward: pass 1 scans every segment from a zero state and
+keeps only its end state; a short `lax.scan` over segments in XLA composes those with the
+segments' total decay exp(A * sum(delta)) into each segment's true start state; pass 2
+reruns the segments from those states and writes y. The backward does the same with the
+adjoint: a light kernel runs the adjoint recurrence alone over each segment from zero,
+XLA composes the segment ends, and the full backward kernel runs per segment.
 
 Shapes the Triton lowering cannot take (channels not a multiple of the block, N not a
-power of two, L not a multiple of the chunk) are zero-padded: delta = 0 and u = 0 leave
-the state unchanged, and B = C = 0 on padded states keep them at zero.
+power of two, L not a multiple of segments x chunk) are padded: zero u and zero delta (or
+-inf raw delta before the softplus) leave the state unchanged, and B = C = 0 on padded
+states keep them at zero.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -29,188 +46,464 @@ from jax.experimental import pallas as pl
 
 from biomamba_jax.scan import register_scan_impl
 
-__all__ = ["pallas_scan", "PallasScanConfig"]
+__all__ = ["pallas_scan", "pallas_selective_scan", "PallasScanConfig"]
+
+f32 = jnp.float32
 
 
 class PallasScanConfig(NamedTuple):
     chunk: int = 8  # steps unrolled per loop iteration; state saved at chunk starts
-    block_e: int = 16  # channels per program
+    block_e: int = 16  # channels per program (forward)
     num_warps: int = 2
-    interpret: bool | None = None  # None: interpret unless the backend is GPU
+    bwd_block_e: Optional[int] = None  # channels per program in the backward; None: block_e
+    bwd_num_warps: Optional[int] = None  # None: num_warps
+    # Split the sequence into segments until the grid has at least this many programs.
+    min_programs: int = 512
+    min_segment_length: int = 512  # steps; shorter segments cost more in the second pass
+    fuse: bool = True  # selective_scan's bias, softplus, D and gate inside the kernels
+    interpret: Optional[bool] = None  # None: interpret unless the backend is GPU
+
+    @classmethod
+    def from_options(cls, **options) -> "PallasScanConfig":
+        unknown = sorted(set(options) - set(cls._fields))
+        if unknown:
+            raise ValueError(f"unknown pallas scan option(s) {unknown}; valid: {list(cls._fields)}")
+        return cls(**options)
+
+
+class _Fusion(NamedTuple):
+    """Which of selective_scan's pre- and post-processing the kernels do (static)."""
+
+    bias: bool = False  # delta += delta_bias
+    softplus: bool = False  # delta = softplus(delta)
+    skip: bool = False  # y += D * u
+    gate: bool = False  # y *= silu(z)
+
+
+class _Plan(NamedTuple):
+    """Static sizes of one call, after padding."""
+
+    chunk: int
+    segments: int
+    chunks_per_segment: int
+    fusion: _Fusion
 
 
 def _next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
-def _compiler_params(num_warps):
-    from jax.experimental.pallas import triton as plgpu
-
-    return plgpu.CompilerParams(num_warps=num_warps, num_stages=1)
+def _sigmoid(x):
+    return 1.0 / (1.0 + jnp.exp(-x))
 
 
-def _forward_kernel(u_ref, delta_ref, A_ref, B_ref, C_ref, h0_ref, y_ref, hT_ref, *states_ref,
-                    chunk, n_chunks, block_e):
-    b = pl.program_id(0)
+def _delta(raw, bias, fusion):
+    """The delta the recurrence uses, from the raw kernel input (fp32, in registers)."""
+    x = raw + bias if fusion.bias else raw
+    if fusion.softplus:  # mamba_ssm's threshold: softplus(x) = x above 20
+        x = jnp.where(x > 20.0, x, jnp.log1p(jnp.exp(x)))
+    return x
+
+
+def _softplus_grad(raw, bias, fusion):
+    x = raw + bias if fusion.bias else raw
+    return jnp.where(x > 20.0, 1.0, _sigmoid(x))
+
+
+class _Refs:
+    """Pops a kernel's refs in the order the wrapper passed them; absent ones are None."""
+
+    def __init__(self, refs):
+        self._it = iter(refs)
+
+    def take(self, present=True):
+        return next(self._it) if present else None
+
+
+def _load_rows(refs, b, t0, channels, chunk, fusion, with_dy):
+    """Per-step inputs of one chunk as fp32 vectors: a tuple of tuples, one per step."""
+    u_ref, delta_ref, B_ref, C_ref, z_ref, dy_ref = refs
+    rows = []
+    for i in range(chunk):
+        t = t0 + i
+        row = (
+            u_ref[b, t, channels].astype(f32),
+            delta_ref[b, t, channels].astype(f32),
+            B_ref[b, t, :].astype(f32),
+            C_ref[b, t, :].astype(f32),
+            z_ref[b, t, channels].astype(f32) if fusion.gate else None,
+            dy_ref[b, t, channels].astype(f32) if with_dy else None,
+        )
+        rows.append(row)
+    return tuple(rows)
+
+
+# ---------------------------------------------------------------------------- forward
+def _forward_kernel(*refs, plan, block_e, write_y, save_states):
+    fusion, chunk = plan.fusion, plan.chunk
+    r = _Refs(refs)
+    u_ref, delta_ref, A_ref, B_ref, C_ref, h0_ref = (r.take() for _ in range(6))
+    bias_ref, D_ref, z_ref = r.take(fusion.bias), r.take(fusion.skip), r.take(fusion.gate)
+    y_ref, h_end_ref, states_ref = r.take(write_y), r.take(), r.take(save_states)
+
+    b, segment = pl.program_id(0), pl.program_id(2)
     channels = pl.ds(pl.program_id(1) * block_e, block_e)
     A = A_ref[channels, :]  # (E_blk, N)
-
-    def one_chunk(c, h):
-        if states_ref:
-            states_ref[0][b, c, channels, :] = h
-        t0 = c * chunk
-        # Loads first: none depends on the state, so they overlap.
-        us = [u_ref[b, t0 + i, channels] for i in range(chunk)]
-        deltas = [delta_ref[b, t0 + i, channels] for i in range(chunk)]
-        Bs = [B_ref[b, t0 + i, :] for i in range(chunk)]
-        Cs = [C_ref[b, t0 + i, :] for i in range(chunk)]
-        for i in range(chunk):
-            decay = jnp.exp(deltas[i][:, None] * A)
-            h = decay * h + (deltas[i] * us[i])[:, None] * Bs[i][None, :]
-            y_ref[b, t0 + i, channels] = jnp.sum(h * Cs[i][None, :], axis=1)
-        return h
-
-    h = jax.lax.fori_loop(0, n_chunks, one_chunk, h0_ref[b, channels, :])
-    hT_ref[b, channels, :] = h
-
-
-def _backward_kernel(u_ref, delta_ref, A_ref, B_ref, C_ref, states_ref, dy_ref, dhT_ref,
-                     du_ref, ddelta_ref, dA_ref, dB_ref, dC_ref, dh0_ref,
-                     *, chunk, n_chunks, block_e):
-    b = pl.program_id(0)
-    block = pl.program_id(1)
-    channels = pl.ds(block * block_e, block_e)
-    A = A_ref[channels, :]
+    bias = bias_ref[channels] if fusion.bias else None
+    D = D_ref[channels] if fusion.skip else None
+    first = segment * plan.chunks_per_segment
+    last = first + plan.chunks_per_segment - 1
+    data = (u_ref, delta_ref, B_ref, C_ref, z_ref, None)
+    load = lambda c: _load_rows(data, b, c * chunk, channels, chunk, fusion, with_dy=False)
 
     def one_chunk(k, carry):
-        g, dA = carry  # g: adjoint of the state after the chunk
-        c = n_chunks - 1 - k
-        t0 = c * chunk
-        us = [u_ref[b, t0 + i, channels] for i in range(chunk)]
-        deltas = [delta_ref[b, t0 + i, channels] for i in range(chunk)]
-        Bs = [B_ref[b, t0 + i, :] for i in range(chunk)]
-        Cs = [C_ref[b, t0 + i, :] for i in range(chunk)]
-        dys = [dy_ref[b, t0 + i, channels] for i in range(chunk)]
-        # Recompute the chunk's states from its saved start state: states[i] = h_{t0+i-1}.
-        states = [states_ref[b, c, channels, :]]
-        for i in range(chunk):
-            decay = jnp.exp(deltas[i][:, None] * A)
-            states.append(decay * states[-1] + (deltas[i] * us[i])[:, None] * Bs[i][None, :])
+        h, rows = carry
+        c = first + k
+        upcoming = load(jnp.minimum(c + 1, last))  # issued now, used next iteration
+        if save_states:
+            states_ref[b, c, channels, :] = h
+        for i, (u, raw, Bt, Ct, z, _) in enumerate(rows):
+            delta = _delta(raw, bias, fusion)
+            h = jnp.exp(delta[:, None] * A) * h + (delta * u)[:, None] * Bt[None, :]
+            if write_y:
+                y = jnp.sum(h * Ct[None, :], axis=1)
+                if fusion.skip:
+                    y = y + D * u
+                if fusion.gate:
+                    y = y * z * _sigmoid(z)
+                y_ref[b, c * chunk + i, channels] = y.astype(y_ref.dtype)
+        return h, upcoming
+
+    h0 = h0_ref[b, segment, channels, :]
+    h, _ = jax.lax.fori_loop(0, plan.chunks_per_segment, one_chunk, (h0, load(first)))
+    h_end_ref[b, segment, channels, :] = h
+
+
+# --------------------------------------------------------------------------- backward
+def _backward_kernel(*refs, plan, block_e):
+    fusion, chunk = plan.fusion, plan.chunk
+    r = _Refs(refs)
+    u_ref, delta_ref, A_ref, B_ref, C_ref, states_ref, dy_ref, g_end_ref = (r.take() for _ in range(8))
+    bias_ref, D_ref, z_ref = r.take(fusion.bias), r.take(fusion.skip), r.take(fusion.gate)
+    du_ref, ddelta_ref, dA_ref, dB_ref, dC_ref, dh_start_ref = (r.take() for _ in range(6))
+    dD_ref, dbias_ref, dz_ref = r.take(fusion.skip), r.take(fusion.bias), r.take(fusion.gate)
+
+    b, block, segment = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    channels = pl.ds(block * block_e, block_e)
+    A = A_ref[channels, :]
+    bias = bias_ref[channels] if fusion.bias else None
+    D = D_ref[channels] if fusion.skip else None
+    first = segment * plan.chunks_per_segment
+    last = first + plan.chunks_per_segment - 1
+    data = (u_ref, delta_ref, B_ref, C_ref, z_ref, dy_ref)
+
+    def load(c):
+        rows = _load_rows(data, b, c * chunk, channels, chunk, fusion, with_dy=True)
+        return states_ref[b, c, channels, :], rows
+
+    def one_chunk(k, carry):
+        g, dA, dD, dbias, (h_start, rows) = carry  # g: adjoint of the state after the chunk
+        c = last - k
+        upcoming = load(jnp.maximum(c - 1, first))
+        # Recompute the chunk: states[i] is the state before step i, decays[i] its decay.
+        deltas = [_delta(row[1], bias, fusion) for row in rows]
+        decays = [jnp.exp(d[:, None] * A) for d in deltas]
+        states = [h_start]
+        for (u, _, Bt, _, _, _), delta, decay in zip(rows, deltas, decays):
+            states.append(decay * states[-1] + (delta * u)[:, None] * Bt[None, :])
         for i in reversed(range(chunk)):
-            t = t0 + i
-            g = g + dys[i][:, None] * Cs[i][None, :]
-            dC_ref[b, block, t, :] = jnp.sum(dys[i][:, None] * states[i + 1], axis=0)
-            dB_ref[b, block, t, :] = jnp.sum(g * (deltas[i] * us[i])[:, None], axis=0)
-            g_drive = jnp.sum(g * Bs[i][None, :], axis=1)  # d loss / d (delta u)
-            decay = jnp.exp(deltas[i][:, None] * A)
+            t = c * chunk + i
+            u, raw, Bt, Ct, z, dy = rows[i]
+            delta, decay = deltas[i], decays[i]
+            if fusion.gate:
+                sig = _sigmoid(z)
+                out = jnp.sum(states[i + 1] * Ct[None, :], axis=1)
+                if fusion.skip:
+                    out = out + D * u
+                dz_ref[b, t, channels] = (dy * out * sig * (1.0 + z * (1.0 - sig))).astype(dz_ref.dtype)
+                dy = dy * z * sig  # cotangent of the pre-gate output
+            g = g + dy[:, None] * Ct[None, :]
+            dC_ref[b, block, t, :] = jnp.sum(dy[:, None] * states[i + 1], axis=0)
+            dB_ref[b, block, t, :] = jnp.sum(g * (delta * u)[:, None], axis=0)
+            g_drive = jnp.sum(g * Bt[None, :], axis=1)  # d loss / d (delta u)
             g_log_decay = g * states[i] * decay  # d loss / d (delta A), elementwise
-            ddelta_ref[b, t, channels] = jnp.sum(g_log_decay * A, axis=1) + us[i] * g_drive
-            du_ref[b, t, channels] = deltas[i] * g_drive
-            dA = dA + g_log_decay * deltas[i][:, None]
+            ddelta = jnp.sum(g_log_decay * A, axis=1) + u * g_drive
+            du = delta * g_drive
+            if fusion.skip:
+                du = du + dy * D
+                dD = dD + dy * u
+            if fusion.softplus:
+                ddelta = ddelta * _softplus_grad(raw, bias, fusion)
+            if fusion.bias:
+                dbias = dbias + ddelta
+            ddelta_ref[b, t, channels] = ddelta.astype(ddelta_ref.dtype)
+            du_ref[b, t, channels] = du.astype(du_ref.dtype)
+            dA = dA + g_log_decay * delta[:, None]
             g = decay * g
-        return g, dA
+        return g, dA, dD, dbias, upcoming
 
-    g0 = dhT_ref[b, channels, :]
-    g, dA = jax.lax.fori_loop(0, n_chunks, one_chunk, (g0, jnp.zeros_like(g0)))
-    dh0_ref[b, channels, :] = g
-    dA_ref[b, channels, :] = dA
+    g_end = g_end_ref[b, segment, channels, :]
+    zeros_e = jnp.zeros((block_e,), f32)
+    init = (g_end, jnp.zeros_like(g_end), zeros_e, zeros_e, load(last))
+    g, dA, dD, dbias, _ = jax.lax.fori_loop(0, plan.chunks_per_segment, one_chunk, init)
+    dh_start_ref[b, segment, channels, :] = g
+    dA_ref[b, segment, channels, :] = dA
+    if fusion.skip:
+        dD_ref[b, segment, channels] = dD
+    if fusion.bias:
+        dbias_ref[b, segment, channels] = dbias
 
 
+def _adjoint_kernel(*refs, plan, block_e):
+    """The adjoint recurrence alone over one segment, from zero at its end (pass 1 of a
+    segmented backward): g <- exp(delta A) (g + dy C), no states needed."""
+    fusion, chunk = plan.fusion, plan.chunk
+    r = _Refs(refs)
+    u_ref, delta_ref, A_ref, B_ref, C_ref, dy_ref = (r.take() for _ in range(6))
+    bias_ref, z_ref = r.take(fusion.bias), r.take(fusion.gate)
+    g_start_ref = r.take()
+
+    b, segment = pl.program_id(0), pl.program_id(2)
+    channels = pl.ds(pl.program_id(1) * block_e, block_e)
+    A = A_ref[channels, :]
+    bias = bias_ref[channels] if fusion.bias else None
+    first = segment * plan.chunks_per_segment
+    last = first + plan.chunks_per_segment - 1
+    data = (u_ref, delta_ref, B_ref, C_ref, z_ref, dy_ref)
+    load = lambda c: _load_rows(data, b, c * chunk, channels, chunk, fusion, with_dy=True)
+
+    def one_chunk(k, carry):
+        g, rows = carry
+        c = last - k
+        upcoming = load(jnp.maximum(c - 1, first))
+        for u, raw, Bt, Ct, z, dy in reversed(rows):
+            if fusion.gate:
+                dy = dy * z * _sigmoid(z)
+            g = jnp.exp(_delta(raw, bias, fusion)[:, None] * A) * (g + dy[:, None] * Ct[None, :])
+        return g, upcoming
+
+    g0 = jnp.zeros((block_e, A.shape[-1]), f32)
+    g, _ = jax.lax.fori_loop(0, plan.chunks_per_segment, one_chunk, (g0, load(last)))
+    g_start_ref[b, segment, channels, :] = g
+
+
+# ---------------------------------------------------------------------------- drivers
 def _interpret(cfg: PallasScanConfig) -> bool:
     return jax.default_backend() != "gpu" if cfg.interpret is None else cfg.interpret
 
 
-def _call(kernel, out_shape, grid, cfg, args):
+def _call(kernel, out_shape, grid, cfg, num_warps, args):
     interpret = _interpret(cfg)
+    if interpret:
+        params = None
+    else:
+        from jax.experimental.pallas import triton as plgpu
+
+        params = plgpu.CompilerParams(num_warps=num_warps, num_stages=1)
     return pl.pallas_call(
-        kernel,
-        out_shape=out_shape,
-        grid=grid,
-        interpret=interpret,
-        compiler_params=None if interpret else _compiler_params(cfg.num_warps),
+        kernel, out_shape=out_shape, grid=grid, interpret=interpret, compiler_params=params,
         name=kernel.func.__name__.strip("_"),
     )(*args)
 
 
-def _forward(cfg, u, delta, A, B, C, h0, save_states):
+def _fused_args(fusion, bias, D, z):
+    return [x for x, on in ((bias, fusion.bias), (D, fusion.skip), (z, fusion.gate)) if on]
+
+
+def _segment_decays(plan, delta, A, bias):
+    """exp(A * sum of delta over each segment): (B, S, E, N), the decay a segment applies."""
+    batch, length, channels = delta.shape
+    d = _delta(delta.astype(f32), bias, plan.fusion)
+    totals = d.reshape(batch, plan.segments, length // plan.segments, channels).sum(2)
+    return jnp.exp(totals[..., None] * A)
+
+
+def _forward(cfg, plan, u, delta, A, B, C, h0, bias, D, z, save_states):
+    """y (in u's dtype), the final state and, if `save_states`, the chunk-start states."""
     batch, length, channels = u.shape
     d_state = A.shape[-1]
-    n_chunks = length // cfg.chunk
-    f32 = jnp.float32
-    out_shape = [
-        jax.ShapeDtypeStruct((batch, length, channels), f32),
-        jax.ShapeDtypeStruct((batch, channels, d_state), f32),
-    ]
-    if save_states:
-        out_shape.append(jax.ShapeDtypeStruct((batch, n_chunks, channels, d_state), f32))
-    kernel = functools.partial(_forward_kernel, chunk=cfg.chunk, n_chunks=n_chunks, block_e=cfg.block_e)
-    return _call(kernel, out_shape, (batch, channels // cfg.block_e), cfg, (u, delta, A, B, C, h0))
+    S = plan.segments
+    grid = (batch, channels // cfg.block_e, S)
+    fused = _fused_args(plan.fusion, bias, D, z)
+    states_shape = jax.ShapeDtypeStruct((batch, length // plan.chunk, channels, d_state), f32)
+    segment_state = jax.ShapeDtypeStruct((batch, S, channels, d_state), f32)
+
+    def run(starts, write_y, save):
+        kernel = functools.partial(_forward_kernel, plan=plan, block_e=cfg.block_e,
+                                   write_y=write_y, save_states=save)
+        out_shape = ([jax.ShapeDtypeStruct(u.shape, u.dtype)] if write_y else []) + [segment_state]
+        out_shape += [states_shape] if save else []
+        return _call(kernel, out_shape, grid, cfg, cfg.num_warps, (u, delta, A, B, C, starts, *fused))
+
+    if S == 1:
+        starts = h0[:, None]
+    else:
+        (local_ends,) = run(jnp.zeros((batch, S, channels, d_state), f32), False, False)
+        decays = _segment_decays(plan, delta, A, bias)
+
+        def carry_in(h, xs):  # h: true state at the start of the segment
+            decay, local_end = xs
+            return decay * h + local_end, h
+
+        move = lambda x: jnp.swapaxes(x, 0, 1)
+        _, starts = jax.lax.scan(carry_in, h0, (move(decays), move(local_ends)))
+        starts = move(starts)
+    y, ends, *states = run(starts, True, save_states)
+    return y, ends[:, -1], (states[0] if save_states else None)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _scan_padded(cfg, u, delta, A, B, C, h0):
-    return tuple(_forward(cfg, u, delta, A, B, C, h0, save_states=False))
-
-
-def _scan_padded_fwd(cfg, u, delta, A, B, C, h0):
-    y, final, states = _forward(cfg, u, delta, A, B, C, h0, save_states=True)
-    return (y, final), (u, delta, A, B, C, states)
-
-
-def _scan_padded_bwd(cfg, residuals, cotangents):
-    u, delta, A, B, C, states = residuals
-    dy, dfinal = cotangents
+def _backward(cfg, plan, residuals, dy, dfinal):
+    u, delta, A, B, C, bias, D, z, states = residuals
     batch, length, channels = u.shape
     d_state = A.shape[-1]
-    n_blocks = channels // cfg.block_e
-    f32 = jnp.float32
+    S, fusion = plan.segments, plan.fusion
+    block_e = cfg.bwd_block_e or cfg.block_e
+    warps = cfg.bwd_num_warps or cfg.num_warps
+    n_blocks = channels // block_e
+    grid = (batch, n_blocks, S)
+    segment_state = jax.ShapeDtypeStruct((batch, S, channels, d_state), f32)
+    dy = dy.astype(u.dtype)
+
+    if S == 1:
+        g_ends = dfinal[:, None]
+    else:
+        kernel = functools.partial(_adjoint_kernel, plan=plan, block_e=block_e)
+        extras = [x for x, on in ((bias, fusion.bias), (z, fusion.gate)) if on]
+        local = _call(kernel, [segment_state], grid, cfg, warps, (u, delta, A, B, C, dy, *extras))[0]
+        decays = _segment_decays(plan, delta, A, bias)
+
+        def carry_back(g, xs):  # g: adjoint entering a segment from its right
+            decay, local_start = xs
+            g = decay * g + local_start  # ... and so entering the segment before it
+            return g, g
+
+        move = lambda x: jnp.swapaxes(x, 0, 1)[::-1]
+        # Segment s receives the adjoint composed from segments s+1 .. S-1.
+        _, g_ends = jax.lax.scan(carry_back, dfinal, (move(decays)[:-1], move(local)[:-1]))
+        g_ends = jnp.concatenate([jnp.swapaxes(g_ends[::-1], 0, 1), dfinal[:, None]], axis=1)
+
     out_shape = [
-        jax.ShapeDtypeStruct((batch, length, channels), f32),  # du
-        jax.ShapeDtypeStruct((batch, length, channels), f32),  # ddelta
-        jax.ShapeDtypeStruct((batch, channels, d_state), f32),  # dA per batch row
-        jax.ShapeDtypeStruct((batch, n_blocks, length, d_state), f32),  # dB per block
-        jax.ShapeDtypeStruct((batch, n_blocks, length, d_state), f32),  # dC per block
-        jax.ShapeDtypeStruct((batch, channels, d_state), f32),  # dh0
+        jax.ShapeDtypeStruct(u.shape, u.dtype),  # du
+        jax.ShapeDtypeStruct(delta.shape, delta.dtype),  # d(raw) delta
+        segment_state,  # dA per row and segment
+        jax.ShapeDtypeStruct((batch, n_blocks, length, d_state), f32),  # dB per channel block
+        jax.ShapeDtypeStruct((batch, n_blocks, length, d_state), f32),  # dC per channel block
+        segment_state,  # adjoint at each segment start
     ]
-    kernel = functools.partial(_backward_kernel, chunk=cfg.chunk, n_chunks=length // cfg.chunk,
-                               block_e=cfg.block_e)
-    du, ddelta, dA, dB, dC, dh0 = _call(
-        kernel, out_shape, (batch, n_blocks), cfg,
-        (u, delta, A, B, C, states, dy.astype(f32), dfinal.astype(f32)),
-    )
-    return du, ddelta, dA.sum(0), dB.sum(1), dC.sum(1), dh0
+    per_channel = jax.ShapeDtypeStruct((batch, S, channels), f32)
+    out_shape += [per_channel] if fusion.skip else []
+    out_shape += [per_channel] if fusion.bias else []
+    out_shape += [jax.ShapeDtypeStruct(z.shape, z.dtype)] if fusion.gate else []
+    kernel = functools.partial(_backward_kernel, plan=plan, block_e=block_e)
+    outs = _call(kernel, out_shape, grid, cfg, warps,
+                 (u, delta, A, B, C, states, dy, g_ends, *_fused_args(fusion, bias, D, z)))
+    du, ddelta, dA, dB, dC, dh_start, *rest = outs
+    dD = rest.pop(0).sum((0, 1)) if fusion.skip else None
+    dbias = rest.pop(0).sum((0, 1)) if fusion.bias else None
+    dz = rest.pop(0) if fusion.gate else None
+    return (du, ddelta, dA.sum((0, 1)), dB.sum(1).astype(B.dtype), dC.sum(1).astype(C.dtype),
+            dh_start[:, 0], dbias, dD, dz)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _scan_padded(cfg, plan, u, delta, A, B, C, h0, bias, D, z):
+    y, final, _ = _forward(cfg, plan, u, delta, A, B, C, h0, bias, D, z, save_states=False)
+    return y, final
+
+
+def _scan_padded_fwd(cfg, plan, u, delta, A, B, C, h0, bias, D, z):
+    y, final, states = _forward(cfg, plan, u, delta, A, B, C, h0, bias, D, z, save_states=True)
+    return (y, final), (u, delta, A, B, C, bias, D, z, states)
+
+
+def _scan_padded_bwd(cfg, plan, residuals, cotangents):
+    return _backward(cfg, plan, residuals, *cotangents)
 
 
 _scan_padded.defvjp(_scan_padded_fwd, _scan_padded_bwd)
 
 
-def pallas_scan(u, delta, A, B, C, initial_state, *, config: PallasScanConfig = PallasScanConfig()):
-    """Selective scan through the Pallas kernels; same contract as `_reference_scan`."""
+def _tiling(cfg: PallasScanConfig, batch: int, length: int, channels: int):
+    """Clamp the config to the shape and pick the number of segments: (cfg, segments)."""
+    block_e = min(cfg.block_e, _next_pow2(channels))
+    bwd_block_e = min(cfg.bwd_block_e or block_e, _next_pow2(channels))
+    chunk = max(1, min(cfg.chunk, length))
+    programs = batch * -(-channels // block_e)
+    segments = 1
+    while programs * segments < cfg.min_programs and length >= 2 * segments * cfg.min_segment_length:
+        segments *= 2
+    return cfg._replace(block_e=block_e, bwd_block_e=bwd_block_e, chunk=chunk), segments
+
+
+def _run(u, delta, A, B, C, h0, bias, D, z, fusion, options):
+    """Pad to the kernel's tiling, choose segments, run, and slice the padding off."""
     batch, length, channels = u.shape
     d_state = A.shape[-1]
-    block_e = min(config.block_e, _next_pow2(channels))
-    chunk = max(1, min(config.chunk, length))
-    cfg = config._replace(block_e=block_e, chunk=chunk)
-    padded_e = -(-channels // block_e) * block_e
+    cfg, segments = _tiling(PallasScanConfig.from_options(**options), batch, length, channels)
+    widest = max(cfg.block_e, cfg.bwd_block_e)  # both powers of two
+    padded_e = -(-channels // widest) * widest
+    padded_l = -(-length // (segments * cfg.chunk)) * (segments * cfg.chunk)
+    plan = _Plan(cfg.chunk, segments, padded_l // (segments * cfg.chunk), fusion)
     padded_n = _next_pow2(d_state)
-    padded_l = -(-length // chunk) * chunk
-
-    def pad(x, *widths):
-        return jnp.pad(x, [(0, w) for w in widths]) if any(widths) else x
-
     de, dn, dl = padded_e - channels, padded_n - d_state, padded_l - length
-    h0 = (
-        jnp.zeros((batch, channels, d_state), jnp.float32)
-        if initial_state is None
-        else initial_state.astype(jnp.float32)
-    )
+
+    def pad(x, *widths, value=0.0):
+        if x is None or not any(widths):
+            return x
+        return jnp.pad(x, [(0, w) for w in widths], constant_values=value)
+
+    # Padded steps must leave the state alone: delta = 0 after the (fused) softplus.
+    delta_pad = -jnp.inf if fusion.softplus else 0.0
     y, final = _scan_padded(
-        cfg,
-        pad(u, 0, dl, de), pad(delta, 0, dl, de), pad(A, de, dn),
+        cfg, plan,
+        pad(u, 0, dl, de), pad(delta, 0, dl, de, value=delta_pad), pad(A, de, dn),
         pad(B, 0, dl, dn), pad(C, 0, dl, dn), pad(h0, 0, de, dn),
+        pad(bias, de), pad(D, de), pad(z, 0, dl, de),
     )
     return y[:, :length, :channels], final[:, :channels, :d_state]
 
 
+def _initial_state(initial_state, batch, channels, d_state):
+    if initial_state is None:
+        return jnp.zeros((batch, channels, d_state), f32)
+    return initial_state.astype(f32)
+
+
+def pallas_scan(u, delta, A, B, C, initial_state, **options):
+    """Selective scan through the Pallas kernels; same contract as `_reference_scan`
+    (fp32 u and delta with softplus already applied, y without D and gate).
+    `options` are `PallasScanConfig` fields, e.g. block_e=32, chunk=8."""
+    h0 = _initial_state(initial_state, *u.shape[::2], A.shape[-1])
+    return _run(u, delta, A, B, C, h0, None, None, None, _Fusion(), options)
+
+
+def pallas_selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                          initial_state=None, mask=None, **options):
+    """`selective_scan`'s full contract with bias, softplus, D and gate inside the kernels.
+
+    u, delta, z stay in their dtype (bf16 in training) on the way in and y comes out in
+    u's dtype, so no fp32 (B, L, E) copy of them is made. Masked positions get u = 0 and a
+    delta of exactly 0, as in `selective_scan`.
+    """
+    if not options.get("fuse", True):  # the unfused path, kept for A/B measurements
+        from biomamba_jax.scan import _finish_output, _prepare_delta
+
+        delta32 = _prepare_delta(delta, delta_bias, delta_softplus, mask)
+        u32 = u.astype(f32) if mask is None else u.astype(f32) * mask[..., None].astype(f32)
+        y, final = pallas_scan(u32, delta32, A.astype(f32), B.astype(f32), C.astype(f32), initial_state, **options)
+        return _finish_output(y, u32, D, z, u.dtype), final
+    fusion = _Fusion(bias=delta_bias is not None, softplus=bool(delta_softplus),
+                     skip=D is not None, gate=z is not None)
+    if mask is not None:
+        keep = mask[..., None].astype(bool)
+        u = jnp.where(keep, u, jnp.zeros((), u.dtype))
+        off = -jnp.inf if delta_softplus else 0.0
+        delta = jnp.where(keep, delta, jnp.asarray(off, delta.dtype))
+    h0 = _initial_state(initial_state, *u.shape[::2], A.shape[-1])
+    as_f32 = lambda x: None if x is None else x.astype(f32)
+    return _run(u, delta, A.astype(f32), B, C, h0, as_f32(delta_bias), as_f32(D), z, fusion, options)
+
+
 # Measured faster than "chunked" and "associative" on H100 (benchmarks/NOTES.md).
-register_scan_impl("pallas", pallas_scan, auto_for=("gpu",))
+register_scan_impl("pallas", pallas_scan, auto_for=("gpu",), options=PallasScanConfig._fields,
+                   fused=pallas_selective_scan)

@@ -36,17 +36,23 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--remat", default="full")
     p.add_argument("--impls", default="associative,chunked,pallas",
-                   help="impls for check and scan; variants as 'pallas:block_e=64:chunk=16'")
+                   help="impls for the scan workload; options as in 'pallas:block_e=64:chunk=16'")
     p.add_argument("--train-impls", default=None, help="impls for train/prefill (default: --impls)")
     p.add_argument("--decode-impl", default=None, help="impl for decode (default: last train impl)")
     p.add_argument("--scan-repeats", type=int, default=10)
+    p.add_argument("--scan-modes", default="fwd,fwd+bwd,layer-fwd,layer-fwd+bwd",
+                   help="fwd/fwd+bwd: the normalised fp32 scan alone; layer-*: selective_scan as "
+                        "the model calls it (bf16 u, delta, z; bias, softplus, D and gate)")
     p.add_argument("--check-impls", default="chunked,pallas", help="impls checked against reference")
     p.add_argument("--workloads", default="check,scan,train,prefill,decode")
     p.add_argument("--batch", type=ints, default=[8], help="training batch sizes")
     p.add_argument("--length", type=ints, default=[2048], help="training lengths")
+    p.add_argument("--tokens-per-step", type=int, default=None,
+                   help="length sweep: batch = this // length for each --length (ignores --batch)")
     p.add_argument("--scan-shape", type=ints, default=[8, 2048, 1536, 16], help="B,L,E,N")
     p.add_argument("--prefill-length", type=ints, default=[8192])
     p.add_argument("--decode-batch", type=ints, default=[1, 32])
+    p.add_argument("--decode-unroll", type=ints, default=[1], help="1: layer loop unrolled per token, 0: lax.scan")
     p.add_argument("--prompt", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--warmup", type=int, default=2)
@@ -99,30 +105,13 @@ def rel_err(a, b):
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
-# ------------------------------------------------------------------ impl variants
-def register_variant(spec: str) -> str:
-    """'chunked:chunk=64:inner=sequential' or 'pallas:block_e=64' -> a registered impl name."""
-    from biomamba_jax.scan import SCAN_IMPLS, register_scan_impl
+# ------------------------------------------------------------------ impl strings
+def normalised_scan(spec: str):
+    """The normalised-signature scan an impl string names, options applied."""
+    from biomamba_jax.scan import SCAN_IMPLS, parse_scan_impl
 
-    if ":" not in spec or spec in SCAN_IMPLS:
-        return spec
-    base, *pairs = spec.split(":")
-    options = {}
-    for pair in pairs:
-        key, value = pair.split("=")
-        options[key] = int(value) if value.lstrip("-").isdigit() else value
-    if base == "pallas":
-        from biomamba_jax.scan_pallas import PallasScanConfig, pallas_scan
-
-        fn = functools.partial(pallas_scan, config=PallasScanConfig(**options))
-    elif base == "chunked":
-        from biomamba_jax.scan_chunked import chunked_scan
-
-        fn = functools.partial(chunked_scan, **options)
-    else:
-        raise ValueError(f"no variants for impl {base!r}")
-    register_scan_impl(spec, fn)
-    return spec
+    name, options = parse_scan_impl(spec)
+    return functools.partial(SCAN_IMPLS[name], **options)
 
 
 # ------------------------------------------------------------------ scan workloads
@@ -145,23 +134,51 @@ def scan_loss(fn, weights):
     return loss
 
 
-def check_impls(impls, results):
-    """Values and gradients of each impl against `reference` on fresh random inputs."""
-    from biomamba_jax.scan import SCAN_IMPLS
+def layer_inputs(seed, batch, length, channels, d_state, dtype):
+    """selective_scan's arguments as the model passes them: raw delta, D, z, dt bias."""
+    k = jax.random.split(jax.random.PRNGKey(seed), 9)
+    return dict(
+        u=jax.random.normal(k[0], (batch, length, channels), dtype),
+        delta=(jax.random.normal(k[1], (batch, length, channels)) - 1.0).astype(dtype),
+        A=-jnp.exp(jax.random.normal(k[2], (channels, d_state)) * 0.5),
+        B=jax.random.normal(k[3], (batch, length, d_state), dtype),
+        C=jax.random.normal(k[4], (batch, length, d_state), dtype),
+        D=jax.random.normal(k[5], (channels,)),
+        z=jax.random.normal(k[6], (batch, length, channels), dtype),
+        delta_bias=jax.random.normal(k[7], (channels,)) * 0.3,
+        initial_state=jax.random.normal(k[8], (batch, channels, d_state)),
+    )
 
+
+def layer_loss(impl, weights):
+    from biomamba_jax.scan import selective_scan
+
+    def loss(x):
+        y, final = selective_scan(**x, delta_softplus=True, return_final_state=True, impl=impl)
+        return jnp.sum(y.astype(jnp.float32) * weights) + jnp.sum(final * final)
+    return loss
+
+
+def check_impls(impls, results):
+    """Values and gradients of each impl against `reference` on fresh random inputs: the
+    normalised scan, and selective_scan with bias, softplus, D and gate (the fused path)."""
     ok = True
-    for seed, shape in enumerate([(2, 300, 96, 16), (1, 77, 40, 16), (3, 33, 7, 5)]):
+    reference = normalised_scan("reference")
+    for seed, shape in enumerate([(2, 300, 96, 16), (1, 77, 40, 16), (3, 33, 7, 5), (1, 2100, 64, 16)]):
         x = scan_inputs(100 + seed, *shape)
         w = jax.random.normal(jax.random.PRNGKey(seed), shape[:3])
-        ref = jax.jit(SCAN_IMPLS["reference"])(*x)
-        ref_g = jax.jit(jax.grad(scan_loss(SCAN_IMPLS["reference"], w), argnums=tuple(range(6))))(*x)
+        ref = jax.jit(reference)(*x)
+        ref_g = jax.jit(jax.grad(scan_loss(reference, w), argnums=tuple(range(6))))(*x)
+        layer = layer_inputs(200 + seed, *shape, jnp.float32)
+        ref_layer = jax.jit(jax.value_and_grad(layer_loss("reference", w)))(layer)
         for impl in impls:
-            if impl == "reference":
-                continue
             try:
-                out = jax.jit(SCAN_IMPLS[impl])(*x)
-                g = jax.jit(jax.grad(scan_loss(SCAN_IMPLS[impl], w), argnums=tuple(range(6))))(*x)
+                fn = normalised_scan(impl)
+                out = jax.jit(fn)(*x)
+                g = jax.jit(jax.grad(scan_loss(fn, w), argnums=tuple(range(6))))(*x)
                 errs = [rel_err(out[0], ref[0]), rel_err(out[1], ref[1])] + [rel_err(a, b) for a, b in zip(g, ref_g)]
+                value, grads = jax.jit(jax.value_and_grad(layer_loss(impl, w)))(layer)
+                errs += [rel_err(value, ref_layer[0])] + [rel_err(grads[k], ref_layer[1][k]) for k in sorted(grads)]
                 passed = all(np.isfinite(errs)) and max(errs) < 1e-4
             except Exception as e:  # report and carry on with the other impls
                 errs, passed = [f"{type(e).__name__}: {str(e)[:300]}"], False
@@ -174,19 +191,25 @@ def check_impls(impls, results):
 
 
 def bench_scan(impls, shape, args, results):
-    """One layer's scan at (B, L, E, N): forward alone, and forward + backward."""
-    from biomamba_jax.scan import SCAN_IMPLS
-
+    """One layer's scan at (B, L, E, N): forward alone, and forward + backward, either the
+    normalised fp32 scan or selective_scan as the model calls it (`--scan-modes`)."""
     x = scan_inputs(0, *shape)
     w = jax.random.normal(jax.random.PRNGKey(1), shape[:3])
+    layer = layer_inputs(0, *shape, jnp.dtype(args.dtype))
     for impl in impls:
-        fn = SCAN_IMPLS[impl]
-        for mode in ("fwd", "fwd+bwd"):
-            f = jax.jit(fn) if mode == "fwd" else jax.jit(jax.grad(scan_loss(fn, w), argnums=(0, 1, 2, 3, 4)))
+        for mode in args.scan_modes.split(","):
+            if mode.startswith("layer"):
+                loss = layer_loss(impl, w)
+                f = jax.jit(loss if mode == "layer-fwd" else jax.grad(loss))
+                inputs = (layer,)
+            else:
+                fn = normalised_scan(impl)
+                f = jax.jit(fn) if mode == "fwd" else jax.jit(jax.grad(scan_loss(fn, w), argnums=(0, 1, 2, 3, 4)))
+                inputs = x
             row = dict(workload="scan", impl=impl, mode=mode, shape=shape)
             try:
-                compiled, gib, compile_s = compile_once(f, *x)
-                med, times, _ = timed(compiled, *x, warmup=args.warmup, repeats=args.scan_repeats)
+                compiled, gib, compile_s = compile_once(f, *inputs)
+                med, times, _ = timed(compiled, *inputs, warmup=args.warmup, repeats=args.scan_repeats)
                 row.update(ms=round(med * 1e3, 3), times_ms=[round(t * 1e3, 3) for t in times],
                            compile_s=compile_s, exe_GiB=gib, peak_GiB=process_peak_gib())
             except Exception as e:
@@ -274,13 +297,15 @@ def bench_prefill(impl, length, args, results):
     print(json.dumps(row), flush=True)
 
 
-def bench_decode(impl, batch, args, results):
+def bench_decode(impl, batch, unroll, args, results):
     from biomamba_jax.generate import generate
 
     cfg, model = build_model(args, impl)
     ids = jax.random.randint(jax.random.PRNGKey(3), (batch, args.prompt), 0, cfg.vocab_size - 8)
-    run = lambda: generate(model, ids, max_new_tokens=args.new_tokens, eos_token_id=None).tokens
-    row = dict(workload="decode", impl=impl, batch=batch, prompt=args.prompt, new_tokens=args.new_tokens)
+    run = lambda: generate(model, ids, max_new_tokens=args.new_tokens, eos_token_id=None,
+                           unroll_layers=bool(unroll)).tokens
+    row = dict(workload="decode", impl=impl, batch=batch, prompt=args.prompt, new_tokens=args.new_tokens,
+               unroll_layers=bool(unroll))
     try:
         med, times, first = timed(run, warmup=args.warmup, repeats=args.repeats)
         # Like mamba_ssm's benchmark: whole generate call (prefill included) over new tokens.
@@ -343,7 +368,7 @@ def bench_torch(args, results):
 
 
 def print_table(results):
-    print(f"\n{'workload':12s} {'impl':30s} {'shape':22s} {'time':>12s} {'tokens/s':>11s} {'exe GiB':>8s} {'peak GiB':>8s}")
+    print(f"\n{'workload':18s} {'impl':30s} {'shape':22s} {'time':>12s} {'tokens/s':>11s} {'exe GiB':>8s} {'peak GiB':>8s}")
     for r in results:
         if r["workload"] == "check":
             continue
@@ -358,7 +383,7 @@ def print_table(results):
         else:
             t = f"{r.get('step_s', r.get('s')):.4f} s"
         mode = r.get("mode", "")
-        print(f"{(r['workload'] + ' ' + mode):12s} {r['impl']:30s} {str(shape):22s} {t:>12s} "
+        print(f"{(r['workload'] + ' ' + mode):18s} {r['impl']:30s} {str(shape):22s} {t:>12s} "
               f"{str(r.get('tokens_per_s', '')):>11s} {str(r.get('exe_GiB', '')):>8s} {str(r.get('peak_GiB', '')):>8s}")
 
 
@@ -366,9 +391,9 @@ def main(argv=None):
     args = parse_args(argv)
     import biomamba_jax.scan  # noqa: F401  (registers every impl)
 
-    impls = [register_variant(s) for s in args.impls.split(",") if s]
-    train_impls = [register_variant(s) for s in (args.train_impls or args.impls).split(",") if s]
-    decode_impl = register_variant(args.decode_impl or train_impls[0])
+    impls = [s for s in args.impls.split(",") if s]
+    train_impls = [s for s in (args.train_impls or args.impls).split(",") if s]
+    decode_impl = args.decode_impl or train_impls[0]
     workloads = set(args.workloads.split(","))
 
     class Results(list):
@@ -384,21 +409,22 @@ def main(argv=None):
                 device=str(jax.devices()[0].device_kind), backend=jax.default_backend(), jax=jax.__version__)
     print(json.dumps(meta), flush=True)
     if "check" in workloads:
-        meta["checks_passed"] = check_impls([register_variant(s) for s in args.check_impls.split(",")], results)
+        meta["checks_passed"] = check_impls([s for s in args.check_impls.split(",") if s], results)
     if "scan" in workloads:
         bench_scan(impls, tuple(args.scan_shape), args, results)
     if "train" in workloads:
         for impl in train_impls:
-            for b in args.batch:
-                for length in args.length:
+            for length in args.length:
+                for b in ([args.tokens_per_step // length] if args.tokens_per_step else args.batch):
                     bench_train(impl, b, length, args, results)
     if "prefill" in workloads:
         for impl in train_impls:
             for length in args.prefill_length:
                 bench_prefill(impl, length, args, results)
     if "decode" in workloads:
-        for b in args.decode_batch:
-            bench_decode(decode_impl, b, args, results)
+        for unroll in args.decode_unroll:
+            for b in args.decode_batch:
+                bench_decode(decode_impl, b, unroll, args, results)
     if args.torch:
         torch_row = bench_torch(args, results)
         if torch_row:

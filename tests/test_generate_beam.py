@@ -67,3 +67,27 @@ def test_stop_tokens_end_beams_and_calls_do_not_retrace(model, prompts):
             produced = tokens[row, beam, :lengths[row, beam]]
             assert all(t % 2 for t in produced[:-1])  # nothing after a stop token
             assert np.all(tokens[row, beam, lengths[row, beam]:] == 0)
+
+
+def test_precast_weights_and_unrolled_layers_give_identical_bf16_steps():
+    """The decode loop's two speed-ups change nothing: kernels cast to bf16 once before
+    the loop give the same bits as casting at every step, with the layer loop unrolled or not."""
+    from biomamba_jax.generate import matmul_weights_in_compute_dtype
+
+    config = MambaConfig.preset("tiny", vocab_size=48, dtype="bfloat16", scan_impl="reference")
+    bf16_model = MambaLM(config, rngs=nnx.Rngs(4))
+    graphdef, state = nnx.split(bf16_model)
+    precast = matmul_weights_in_compute_dtype(state, jnp.bfloat16)
+    kernels = [leaf for path, leaf in jax.tree_util.tree_leaves_with_path(precast) if "kernel" in jax.tree_util.keystr(path)]
+    assert kernels and all(k.dtype == jnp.bfloat16 for k in kernels)
+    assert nnx.merge(graphdef, precast).layers.mixer.A_log[...].dtype == jnp.float32
+
+    _, cache = bf16_model.prefill(jnp.asarray([[5, 9, 11, 2]]))
+    token = jnp.asarray([7])
+    step = jax.jit(lambda s, unroll: nnx.merge(graphdef, s).step(token, cache, unroll_layers=unroll),
+                   static_argnums=1)
+    reference_logits, reference_cache = step(state, False)
+    for candidate_state, unroll in ((precast, False), (precast, True), (state, True)):
+        logits, new_cache = step(candidate_state, unroll)
+        np.testing.assert_array_equal(np.asarray(logits, np.float32), np.asarray(reference_logits, np.float32))
+        np.testing.assert_array_equal(np.asarray(new_cache.ssm_state), np.asarray(reference_cache.ssm_state))

@@ -78,15 +78,79 @@ def test_chunked_rejects_unknown_inner():
 
 
 @pytest.mark.parametrize(
-    "shape,config",
+    "shape,options",
     [
-        ((1, 13, 16, 16), PallasScanConfig(chunk=4, block_e=16)),  # L not a multiple of the chunk
-        ((2, 8, 5, 3), PallasScanConfig(chunk=8, block_e=4)),  # odd channels, N not a power of 2
-        ((1, 3, 2, 2), PallasScanConfig(chunk=16, block_e=32)),  # chunk and block larger than L, E
+        ((1, 13, 16, 16), dict(chunk=4, block_e=16)),  # L not a multiple of the chunk
+        ((2, 8, 5, 3), dict(chunk=8, block_e=4)),  # odd channels, N not a power of 2
+        ((1, 3, 2, 2), dict(chunk=16, block_e=32)),  # chunk and block larger than L, E
+        ((1, 9, 12, 4), dict(chunk=2, block_e=8, bwd_block_e=4)),  # backward tiled differently
     ],
 )
-def test_pallas_interpret_values_and_grads(shape, config):
-    assert_matches_reference(functools.partial(pallas_scan, config=config), inputs(sum(shape), *shape))
+def test_pallas_interpret_values_and_grads(shape, options):
+    assert_matches_reference(functools.partial(pallas_scan, **options), inputs(sum(shape), *shape))
+
+
+SEGMENTED = dict(chunk=4, block_e=8, min_programs=64, min_segment_length=8)
+
+
+def test_segment_count_fills_the_grid_and_respects_the_minimum_length():
+    from biomamba_jax.scan_pallas import _tiling
+
+    # Mamba-130m at batch 1: 96 programs, so an 8k prompt runs as 8 segments of 1024 steps.
+    assert _tiling(PallasScanConfig(), 1, 8192, 1536)[1] == 8
+    assert _tiling(PallasScanConfig(), 8, 2048, 1536)[1] == 1  # training grid is full already
+    assert _tiling(PallasScanConfig(), 1, 600, 1536)[1] == 1  # too short to split
+    assert _tiling(PallasScanConfig(**SEGMENTED), 1, 70, 12)[1] == 8
+
+
+@pytest.mark.parametrize("batch,length", [(1, 70), (2, 67)])
+def test_pallas_segmented_values_and_grads(batch, length):
+    """Segments: zero-state pass, XLA composition, second pass; the adjoint likewise."""
+    assert_matches_reference(functools.partial(pallas_scan, **SEGMENTED), inputs(length, batch, length, 12, 4))
+
+
+@pytest.mark.parametrize("dtype,tolerance", [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])
+def test_fused_segmented_selective_scan_matches_reference(dtype, tolerance):
+    """bias, softplus, D and gate inside the kernels, with a mask and segments, in fp32 and bf16."""
+    from biomamba_jax.scan import selective_scan
+
+    batch, length, channels, d_state = 2, 75, 12, 4
+    k = jax.random.split(jax.random.PRNGKey(5), 9)
+    u, delta, z = (jax.random.normal(k[i], (batch, length, channels), dtype) for i in range(3))
+    B, C = (jax.random.normal(k[i], (batch, length, d_state), dtype) for i in (3, 4))
+    A = -jnp.exp(jax.random.normal(k[5], (channels, d_state)) * 0.5)
+    D, bias = jax.random.normal(k[6], (channels,)), jax.random.normal(k[7], (channels,)) * 0.3
+    h0 = jax.random.normal(k[8], (batch, channels, d_state))
+    mask = jnp.ones((batch, length)).at[1, :9].set(0).at[0, 30:33].set(0)
+    w = jax.random.normal(jax.random.PRNGKey(1), (batch, length, channels))
+    impl = "pallas:" + ":".join(f"{key}={value}" for key, value in SEGMENTED.items())
+
+    def loss(impl, *args):
+        y, final = selective_scan(*args[:5], D=args[5], z=args[6], delta_bias=args[7], delta_softplus=True,
+                                  initial_state=args[8], return_final_state=True, mask=mask, impl=impl)
+        return jnp.sum(y.astype(jnp.float32) * w) + jnp.sum(final ** 2)
+
+    args = (u, delta, A, B, C, D, z, bias, h0)
+    up = lambda t: t.astype(jnp.float32)
+    value, grads = jax.jit(jax.value_and_grad(functools.partial(loss, impl), argnums=tuple(range(9))))(*args)
+    ref_value, ref_grads = jax.value_and_grad(functools.partial(loss, "reference"), argnums=tuple(range(9)))(
+        *map(up, args))
+    assert abs(float(value) - float(ref_value)) < tolerance * abs(float(ref_value))
+    names = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "h0")
+    for name, g, g_ref in zip(names, grads, ref_grads):
+        assert g.dtype == args[names.index(name)].dtype, name
+        assert rel_err(g, g_ref) < tolerance, name
+
+
+def test_impl_string_options_and_errors():
+    from biomamba_jax.scan import parse_scan_impl
+
+    assert parse_scan_impl("pallas:block_e=32:interpret=true") == ("pallas", dict(block_e=32, interpret=True))
+    assert parse_scan_impl("chunked:chunk=64:inner=sequential") == ("chunked", dict(chunk=64, inner="sequential"))
+    with pytest.raises(ValueError, match="takes key=value options from .*block_e"):
+        parse_scan_impl("pallas:blocke=32")
+    with pytest.raises(ValueError, match="takes key=value options from \\[\\]"):
+        parse_scan_impl("associative:chunk=4")
 
 
 def test_pallas_picks_interpret_off_gpu():
@@ -99,4 +163,4 @@ def test_pallas_picks_interpret_off_gpu():
 @pytest.mark.slow
 def test_pallas_longer_sequence_many_chunks():
     x = inputs(4, 2, 200, 40, 16)
-    assert_matches_reference(functools.partial(pallas_scan, config=PallasScanConfig(chunk=8, block_e=16)), x)
+    assert_matches_reference(functools.partial(pallas_scan, chunk=8, block_e=16), x)
