@@ -61,6 +61,10 @@ class PallasScanConfig(NamedTuple):
     min_programs: int = 512
     min_segment_length: int = 512  # steps; shorter segments cost more in the second pass
     fuse: bool = True  # selective_scan's bias, softplus, D and gate inside the kernels
+    # What the backward kernel fuses: "all"; "nogate" (all but the gate, whose chain rule
+    # XLA applies from the forward's saved pre-gate output); "off" (XLA does everything
+    # around the plain scan adjoint).
+    bwd_fuse: str = "nogate"
     interpret: Optional[bool] = None  # None: interpret unless the backend is GPU
 
     @classmethod
@@ -68,7 +72,10 @@ class PallasScanConfig(NamedTuple):
         unknown = sorted(set(options) - set(cls._fields))
         if unknown:
             raise ValueError(f"unknown pallas scan option(s) {unknown}; valid: {list(cls._fields)}")
-        return cls(**options)
+        config = cls(**options)
+        if config.bwd_fuse not in ("all", "nogate", "off"):
+            raise ValueError(f"pallas scan option bwd_fuse={config.bwd_fuse!r}; choose all, nogate or off")
+        return config
 
 
 class _Fusion(NamedTuple):
@@ -86,7 +93,13 @@ class _Plan(NamedTuple):
     chunk: int
     segments: int
     chunks_per_segment: int
-    fusion: _Fusion
+    fusion: _Fusion  # forward kernel
+    bwd_fusion: _Fusion  # backward kernel: a subset of `fusion`
+
+    @property
+    def saves_pre_gate(self) -> bool:
+        """The forward saves y before the gate when the backward leaves the gate to XLA."""
+        return self.fusion.gate and not self.bwd_fusion.gate
 
 
 def _next_pow2(n: int) -> int:
@@ -141,10 +154,12 @@ def _load_rows(refs, b, t0, channels, chunk, fusion, with_dy):
 # ---------------------------------------------------------------------------- forward
 def _forward_kernel(*refs, plan, block_e, write_y, save_states):
     fusion, chunk = plan.fusion, plan.chunk
+    save_pre_gate = save_states and plan.saves_pre_gate
     r = _Refs(refs)
     u_ref, delta_ref, A_ref, B_ref, C_ref, h0_ref = (r.take() for _ in range(6))
     bias_ref, D_ref, z_ref = r.take(fusion.bias), r.take(fusion.skip), r.take(fusion.gate)
     y_ref, h_end_ref, states_ref = r.take(write_y), r.take(), r.take(save_states)
+    pre_gate_ref = r.take(save_pre_gate)
 
     b, segment = pl.program_id(0), pl.program_id(2)
     channels = pl.ds(pl.program_id(1) * block_e, block_e)
@@ -169,6 +184,8 @@ def _forward_kernel(*refs, plan, block_e, write_y, save_states):
                 y = jnp.sum(h * Ct[None, :], axis=1)
                 if fusion.skip:
                     y = y + D * u
+                if save_pre_gate:
+                    pre_gate_ref[b, c * chunk + i, channels] = y
                 if fusion.gate:
                     y = y * z * _sigmoid(z)
                 y_ref[b, c * chunk + i, channels] = y.astype(y_ref.dtype)
@@ -181,7 +198,7 @@ def _forward_kernel(*refs, plan, block_e, write_y, save_states):
 
 # --------------------------------------------------------------------------- backward
 def _backward_kernel(*refs, plan, block_e):
-    fusion, chunk = plan.fusion, plan.chunk
+    fusion, chunk = plan.bwd_fusion, plan.chunk
     r = _Refs(refs)
     u_ref, delta_ref, A_ref, B_ref, C_ref, states_ref, dy_ref, g_end_ref = (r.take() for _ in range(8))
     bias_ref, D_ref, z_ref = r.take(fusion.bias), r.take(fusion.skip), r.take(fusion.gate)
@@ -257,7 +274,7 @@ def _backward_kernel(*refs, plan, block_e):
 def _adjoint_kernel(*refs, plan, block_e):
     """The adjoint recurrence alone over one segment, from zero at its end (pass 1 of a
     segmented backward): g <- exp(delta A) (g + dy C), no states needed."""
-    fusion, chunk = plan.fusion, plan.chunk
+    fusion, chunk = plan.bwd_fusion, plan.chunk
     r = _Refs(refs)
     u_ref, delta_ref, A_ref, B_ref, C_ref, dy_ref = (r.take() for _ in range(6))
     bias_ref, z_ref = r.take(fusion.bias), r.take(fusion.gate)
@@ -333,6 +350,7 @@ def _forward(cfg, plan, u, delta, A, B, C, h0, bias, D, z, save_states):
                                    write_y=write_y, save_states=save)
         out_shape = ([jax.ShapeDtypeStruct(u.shape, u.dtype)] if write_y else []) + [segment_state]
         out_shape += [states_shape] if save else []
+        out_shape += [jax.ShapeDtypeStruct(u.shape, f32)] if save and plan.saves_pre_gate else []
         return _call(kernel, out_shape, grid, cfg, cfg.num_warps, (u, delta, A, B, C, starts, *fused))
 
     if S == 1:
@@ -348,21 +366,34 @@ def _forward(cfg, plan, u, delta, A, B, C, h0, bias, D, z, save_states):
         move = lambda x: jnp.swapaxes(x, 0, 1)
         _, starts = jax.lax.scan(carry_in, h0, (move(decays), move(local_ends)))
         starts = move(starts)
-    y, ends, *states = run(starts, True, save_states)
-    return y, ends[:, -1], (states[0] if save_states else None)
+    y, ends, *saved = run(starts, True, save_states)
+    return y, ends[:, -1], (tuple(saved) if save_states else None)
 
 
 def _backward(cfg, plan, residuals, dy, dfinal):
-    u, delta, A, B, C, bias, D, z, states = residuals
+    u, delta, A, B, C, bias, D, z, (states, *pre_gate) = residuals
     batch, length, channels = u.shape
     d_state = A.shape[-1]
-    S, fusion = plan.segments, plan.fusion
+    S, fusion, full = plan.segments, plan.bwd_fusion, plan.fusion
     block_e = cfg.bwd_block_e or cfg.block_e
     warps = cfg.bwd_num_warps or cfg.num_warps
     n_blocks = channels // block_e
     grid = (batch, n_blocks, S)
     segment_state = jax.ShapeDtypeStruct((batch, S, channels, d_state), f32)
-    dy = dy.astype(u.dtype)
+    # What the backward kernel does not fuse, XLA does around it, in fp32.
+    raw_u_dtype, raw_delta, dz = u.dtype, delta, None
+    if full.gate and not fusion.gate:
+        z32, dy32 = z.astype(f32), dy.astype(f32)
+        sig = _sigmoid(z32)
+        dz = (dy32 * pre_gate[0] * sig * (1.0 + z32 * (1.0 - sig))).astype(z.dtype)
+        dy = dy32 * z32 * sig  # cotangent of the pre-gate output
+    if full.skip and not fusion.skip:
+        u32 = u.astype(f32)
+        dD_xla, du_skip = jnp.sum(dy.astype(f32) * u32, axis=(0, 1)), dy.astype(f32) * D
+        u = u32
+    prepare_delta_in_xla = (full.bias or full.softplus) and not (fusion.bias or fusion.softplus)
+    if prepare_delta_in_xla:
+        delta = _delta(delta.astype(f32), bias, full)
 
     if S == 1:
         g_ends = dfinal[:, None]
@@ -370,7 +401,7 @@ def _backward(cfg, plan, residuals, dy, dfinal):
         kernel = functools.partial(_adjoint_kernel, plan=plan, block_e=block_e)
         extras = [x for x, on in ((bias, fusion.bias), (z, fusion.gate)) if on]
         local = _call(kernel, [segment_state], grid, cfg, warps, (u, delta, A, B, C, dy, *extras))[0]
-        decays = _segment_decays(plan, delta, A, bias)
+        decays = _segment_decays(plan, raw_delta, A, bias)
 
         def carry_back(g, xs):  # g: adjoint entering a segment from its right
             decay, local_start = xs
@@ -400,9 +431,15 @@ def _backward(cfg, plan, residuals, dy, dfinal):
     du, ddelta, dA, dB, dC, dh_start, *rest = outs
     dD = rest.pop(0).sum((0, 1)) if fusion.skip else None
     dbias = rest.pop(0).sum((0, 1)) if fusion.bias else None
-    dz = rest.pop(0) if fusion.gate else None
-    return (du, ddelta, dA.sum((0, 1)), dB.sum(1).astype(B.dtype), dC.sum(1).astype(C.dtype),
-            dh_start[:, 0], dbias, dD, dz)
+    dz = rest.pop(0) if fusion.gate else dz
+    if full.skip and not fusion.skip:
+        du, dD = du + du_skip, dD_xla
+    if prepare_delta_in_xla and full.softplus:
+        ddelta = ddelta * _softplus_grad(raw_delta.astype(f32), bias, full)
+    if prepare_delta_in_xla and full.bias:
+        dbias = ddelta.sum((0, 1))
+    return (du.astype(raw_u_dtype), ddelta.astype(raw_delta.dtype), dA.sum((0, 1)), dB.sum(1).astype(B.dtype),
+            dC.sum(1).astype(C.dtype), dh_start[:, 0], dbias, dD, dz)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
@@ -412,8 +449,8 @@ def _scan_padded(cfg, plan, u, delta, A, B, C, h0, bias, D, z):
 
 
 def _scan_padded_fwd(cfg, plan, u, delta, A, B, C, h0, bias, D, z):
-    y, final, states = _forward(cfg, plan, u, delta, A, B, C, h0, bias, D, z, save_states=True)
-    return (y, final), (u, delta, A, B, C, bias, D, z, states)
+    y, final, saved = _forward(cfg, plan, u, delta, A, B, C, h0, bias, D, z, save_states=True)
+    return (y, final), (u, delta, A, B, C, bias, D, z, saved)
 
 
 def _scan_padded_bwd(cfg, plan, residuals, cotangents):
@@ -443,7 +480,8 @@ def _run(u, delta, A, B, C, h0, bias, D, z, fusion, options):
     widest = max(cfg.block_e, cfg.bwd_block_e)  # both powers of two
     padded_e = -(-channels // widest) * widest
     padded_l = -(-length // (segments * cfg.chunk)) * (segments * cfg.chunk)
-    plan = _Plan(cfg.chunk, segments, padded_l // (segments * cfg.chunk), fusion)
+    bwd_fusion = {"all": fusion, "nogate": fusion._replace(gate=False), "off": _Fusion()}[cfg.bwd_fuse]
+    plan = _Plan(cfg.chunk, segments, padded_l // (segments * cfg.chunk), fusion, bwd_fusion)
     padded_n = _next_pow2(d_state)
     de, dn, dl = padded_e - channels, padded_n - d_state, padded_l - length
 

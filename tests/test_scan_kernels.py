@@ -109,9 +109,14 @@ def test_pallas_segmented_values_and_grads(batch, length):
     assert_matches_reference(functools.partial(pallas_scan, **SEGMENTED), inputs(length, batch, length, 12, 4))
 
 
-@pytest.mark.parametrize("dtype,tolerance", [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])
-def test_fused_segmented_selective_scan_matches_reference(dtype, tolerance):
-    """bias, softplus, D and gate inside the kernels, with a mask and segments, in fp32 and bf16."""
+@pytest.mark.parametrize(
+    "dtype,tolerance,bwd_fuse",
+    [(jnp.float32, 1e-5, "all"), (jnp.float32, 1e-5, "nogate"), (jnp.float32, 1e-5, "off"),
+     (jnp.bfloat16, 2e-2, "nogate")],
+)
+def test_fused_segmented_selective_scan_matches_reference(dtype, tolerance, bwd_fuse):
+    """bias, softplus, D and gate inside the kernels, with a mask and segments, in fp32 and
+    bf16; the backward fusing all of it, all but the gate, or none of it."""
     from biomamba_jax.scan import selective_scan
 
     batch, length, channels, d_state = 2, 75, 12, 4
@@ -123,7 +128,7 @@ def test_fused_segmented_selective_scan_matches_reference(dtype, tolerance):
     h0 = jax.random.normal(k[8], (batch, channels, d_state))
     mask = jnp.ones((batch, length)).at[1, :9].set(0).at[0, 30:33].set(0)
     w = jax.random.normal(jax.random.PRNGKey(1), (batch, length, channels))
-    impl = "pallas:" + ":".join(f"{key}={value}" for key, value in SEGMENTED.items())
+    impl = "pallas:" + ":".join(f"{key}={value}" for key, value in SEGMENTED.items()) + f":bwd_fuse={bwd_fuse}"
 
     def loss(impl, *args):
         y, final = selective_scan(*args[:5], D=args[5], z=args[6], delta_bias=args[7], delta_softplus=True,
@@ -151,6 +156,8 @@ def test_impl_string_options_and_errors():
         parse_scan_impl("pallas:blocke=32")
     with pytest.raises(ValueError, match="takes key=value options from \\[\\]"):
         parse_scan_impl("associative:chunk=4")
+    with pytest.raises(ValueError, match="bwd_fuse='some'; choose all, nogate or off"):
+        PallasScanConfig.from_options(bwd_fuse="some")
 
 
 def test_pallas_picks_interpret_off_gpu():
