@@ -60,7 +60,10 @@ class PallasScanConfig(NamedTuple):
     # Split the sequence into segments until the grid has at least this many programs.
     min_programs: int = 512
     min_segment_length: int = 512  # steps; shorter segments cost more in the second pass
-    fuse: bool = True  # selective_scan's bias, softplus, D and gate inside the kernels
+    # selective_scan's bias, softplus, D and gate inside the kernels, with bf16 I/O. Off by
+    # default: on one H100 the fused kernels measured slower than XLA doing that work
+    # around the plain kernels (training step 99k vs 108k tok/s; benchmarks/NOTES.md).
+    fuse: bool = False
     # What the backward kernel fuses: "all"; "nogate" (all but the gate, whose chain rule
     # XLA applies from the forward's saved pre-gate output); "off" (XLA does everything
     # around the plain scan adjoint).
@@ -523,7 +526,7 @@ def pallas_selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, de
     u's dtype, so no fp32 (B, L, E) copy of them is made. Masked positions get u = 0 and a
     delta of exactly 0, as in `selective_scan`.
     """
-    if not options.get("fuse", True):  # the unfused path, kept for A/B measurements
+    if not options.get("fuse", PallasScanConfig.fuse):  # XLA does the work around the kernels
         from biomamba_jax.scan import _finish_output, _prepare_delta
 
         delta32 = _prepare_delta(delta, delta_bias, delta_softplus, mask)

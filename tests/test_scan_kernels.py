@@ -110,13 +110,15 @@ def test_pallas_segmented_values_and_grads(batch, length):
 
 
 @pytest.mark.parametrize(
-    "dtype,tolerance,bwd_fuse",
-    [(jnp.float32, 1e-5, "all"), (jnp.float32, 1e-5, "nogate"), (jnp.float32, 1e-5, "off"),
-     (jnp.bfloat16, 2e-2, "nogate")],
+    "dtype,tolerance,fusion",
+    [(jnp.float32, 1e-5, "fuse=false"), (jnp.bfloat16, 2e-2, "fuse=false"),
+     (jnp.float32, 1e-5, "fuse=true:bwd_fuse=all"), (jnp.float32, 1e-5, "fuse=true:bwd_fuse=nogate"),
+     (jnp.float32, 1e-5, "fuse=true:bwd_fuse=off"), (jnp.bfloat16, 2e-2, "fuse=true:bwd_fuse=nogate")],
 )
-def test_fused_segmented_selective_scan_matches_reference(dtype, tolerance, bwd_fuse):
-    """bias, softplus, D and gate inside the kernels, with a mask and segments, in fp32 and
-    bf16; the backward fusing all of it, all but the gate, or none of it."""
+def test_segmented_selective_scan_with_mask_matches_reference(dtype, tolerance, fusion):
+    """selective_scan through the kernels with segments and a mask, in fp32 and bf16: XLA
+    doing bias, softplus, D and gate around the kernels (the default), or the kernels doing
+    them, with the backward fusing all of it, all but the gate, or none of it."""
     from biomamba_jax.scan import selective_scan
 
     batch, length, channels, d_state = 2, 75, 12, 4
@@ -128,7 +130,7 @@ def test_fused_segmented_selective_scan_matches_reference(dtype, tolerance, bwd_
     h0 = jax.random.normal(k[8], (batch, channels, d_state))
     mask = jnp.ones((batch, length)).at[1, :9].set(0).at[0, 30:33].set(0)
     w = jax.random.normal(jax.random.PRNGKey(1), (batch, length, channels))
-    impl = "pallas:" + ":".join(f"{key}={value}" for key, value in SEGMENTED.items()) + f":bwd_fuse={bwd_fuse}"
+    impl = "pallas:" + ":".join(f"{key}={value}" for key, value in SEGMENTED.items()) + f":{fusion}"
 
     def loss(impl, *args):
         y, final = selective_scan(*args[:5], D=args[5], z=args[6], delta_bias=args[7], delta_softplus=True,
