@@ -98,7 +98,9 @@ def test_segment_count_fills_the_grid_and_respects_the_minimum_length():
 
     # Mamba-130m at batch 1: 96 programs, so an 8k prompt runs as 8 segments of 1024 steps.
     assert _tiling(PallasScanConfig(), 1, 8192, 1536)[1] == 8
+    assert _tiling(PallasScanConfig(), 1, 16384, 1536)[1] == 16  # no segment over 1024 steps
     assert _tiling(PallasScanConfig(), 8, 2048, 1536)[1] == 1  # training grid is full already
+    assert _tiling(PallasScanConfig(), 8, 16384, 1536)[1] == 1  # ... at any length
     assert _tiling(PallasScanConfig(), 1, 600, 1536)[1] == 1  # too short to split
     assert _tiling(PallasScanConfig(**SEGMENTED), 1, 70, 12)[1] == 8
 
@@ -173,3 +175,19 @@ def test_pallas_picks_interpret_off_gpu():
 def test_pallas_longer_sequence_many_chunks():
     x = inputs(4, 2, 200, 40, 16)
     assert_matches_reference(functools.partial(pallas_scan, chunk=8, block_e=16), x)
+
+
+def test_default_pallas_leaves_bias_softplus_skip_and_gate_to_xla(monkeypatch):
+    """The default runs the plain kernels (measured faster); fuse=true runs the fused ones."""
+    import biomamba_jax.scan_pallas as scan_pallas
+    from biomamba_jax.scan import selective_scan
+
+    calls = []
+    plain = scan_pallas.pallas_scan
+    monkeypatch.setattr(scan_pallas, "pallas_scan", lambda *a, **k: calls.append(k) or plain(*a, **k))
+    x = inputs(0, 1, 6, 4, 2)
+    extras = dict(D=jnp.ones(4), z=x[0], delta_bias=jnp.zeros(4), delta_softplus=True)
+    selective_scan(*x[:5], **extras, impl="pallas")
+    assert len(calls) == 1
+    selective_scan(*x[:5], **extras, impl="pallas:fuse=true")
+    assert len(calls) == 1
