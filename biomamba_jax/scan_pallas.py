@@ -8,11 +8,13 @@ memory latency overlaps with arithmetic instead of stalling every chunk. The ker
 writes y, the state at the end of its segment and, when a gradient is needed, the state
 at the start of every chunk (B, L / chunk, E, N).
 
-Fusion (`selective_scan(..., impl="pallas")`): the kernels take u, the raw delta and z in
+Fusion (opt-in, `impl="pallas:fuse=true"`): the kernels take u, the raw delta and z in
 the compute dtype (bf16 in training) and do the dt bias, softplus, D skip and SiLU gate in
 registers, so none of those (B, L, E) fp32 intermediates goes through HBM; y is written
 in the compute dtype. The backward writes du, d(raw delta) and dz in their dtypes and
-per-row partial sums of dD and the dt bias gradient.
+per-row partial sums of dD and the dt bias gradient (or leaves part of that to XLA, see
+`bwd_fuse`). On one H100 every fused variant measured slower than the default, where XLA
+does that elementwise work around the plain kernels (benchmarks/NOTES.md, section 7).
 
 Backward kernel (`jax.custom_vjp`): the same grid, walking chunks in reverse. It reloads
 a chunk's saved start state, recomputes the chunk's states and decays in registers, then
