@@ -38,6 +38,7 @@ def _beam_search_jit(graphdef, state, input_ids, attention_mask, stop_mask, *, n
     logits, cache = model.prefill(input_ids, attention_mask)
     # As in `generate`: the token loop's kernels are cast once, not at every step.
     step_model = nnx.merge(graphdef, matmul_weights_in_compute_dtype(state, jnp.dtype(model.config.dtype)))
+    weights = step_model.decode_weights()  # split and cast once, not per token
     batch, beams = input_ids.shape[0], num_beams
     vocab = logits.shape[-1]
     # Beam b of row r is cache row r * beams + b. Only beam 0 is live at the start, so the
@@ -68,7 +69,7 @@ def _beam_search_jit(graphdef, state, input_ids, attention_mask, stop_mask, *, n
         finished = was_finished | stop_mask[token]
         rows = (parent + row_offset).reshape(-1)
         cache = jax.tree.map(lambda x: x[:, rows], cache)
-        next_logits, cache = step_model.step(token.reshape(-1), cache)
+        next_logits, cache = step_model.step(token.reshape(-1), cache, weights=weights)
         return index + 1, cache, next_logits, tokens, scores, finished, lengths
 
     carry = (jnp.int32(0), cache, next_logits, tokens, scores, finished, lengths)

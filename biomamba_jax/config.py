@@ -1,8 +1,8 @@
 """Mamba-1 model configuration, presets, and readers/writers for both PyTorch config flavours.
 
-One frozen dataclass describes the architecture (what a checkpoint fixes) plus three
+One frozen dataclass describes the architecture (what a checkpoint fixes) plus four
 run-time choices that do not change the weights: the compute dtype, the selective-scan
-implementation and the remat policy.
+implementation, the remat policy and whether the layers run under a scan.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ class ConfigError(ValueError):
     """A config that cannot describe a Mamba-1 model, with the field and the fix named."""
 
 
-REMAT_POLICIES = ("none", "full", "dots")
+REMAT_POLICIES = ("none", "full", "dots", "scan")
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -51,6 +51,9 @@ class MambaConfig:
     dtype: str = "float32"
     scan_impl: str = "auto"
     remat: str = "none"
+    # Run the layers under one `lax.scan` (compile time independent of depth) or written
+    # out one by one (no stacking copies of what the backward pass keeps; slower compile).
+    scan_layers: bool = True
 
     def __post_init__(self):
         if self.dt_rank == "auto":
@@ -61,6 +64,8 @@ class MambaConfig:
                 raise ConfigError(f"MambaConfig.{name} must be a positive integer, got {value!r}")
         if self.dtype not in COMPUTE_DTYPES:
             raise ConfigError(f"MambaConfig.dtype={self.dtype!r}; choose one of {COMPUTE_DTYPES}")
+        if not isinstance(self.scan_layers, bool):
+            raise ConfigError(f"MambaConfig.scan_layers must be true or false, got {self.scan_layers!r}")
         if self.remat not in REMAT_POLICIES:
             raise ConfigError(f"MambaConfig.remat={self.remat!r}; choose one of {REMAT_POLICIES}")
         from .scan import parse_scan_impl  # the scan modules do not import this one

@@ -88,6 +88,7 @@ def _generate_jit(graphdef, state, input_ids, attention_mask, rng, *, max_new_to
     logits, cache = model.prefill(input_ids, attention_mask)
     # The prefill keeps fp32 kernels: its conv runs in fp32 and must match model(...).
     step_model = nnx.merge(graphdef, matmul_weights_in_compute_dtype(state, jnp.dtype(model.config.dtype)))
+    weights = step_model.decode_weights()  # split and cast once, not per token
     batch = input_ids.shape[0]
     tokens = jnp.full((batch, max_new_tokens), pad_token_id, jnp.int32)
     finished = jnp.zeros((batch,), bool)
@@ -106,7 +107,7 @@ def _generate_jit(graphdef, state, input_ids, attention_mask, rng, *, max_new_to
         lengths = lengths + (~finished).astype(jnp.int32)
         if eos_token_id is not None:
             finished = finished | (token == eos_token_id)
-        next_logits, cache = step_model.step(token, cache, unroll_layers=unroll_layers)
+        next_logits, cache = step_model.step(token, cache, unroll_layers=unroll_layers, weights=weights)
         return index + 1, cache, next_logits, tokens, finished, lengths, rng
 
     carry = (jnp.int32(0), cache, logits[:, -1], tokens, finished, lengths, rng)

@@ -15,16 +15,23 @@ Layers are created stacked (every parameter has a leading Y axis) and run under
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from .config import MambaConfig
-from .scan import selective_scan, selective_state_update
+from .scan import SCAN_RESIDUAL_NAMES, selective_scan, selective_state_update
 
-__all__ = ["MambaCache", "MambaMixer", "MambaBlock", "MambaLM", "RMSNorm"]
+__all__ = ["DecodeWeights", "MambaCache", "MambaMixer", "MambaBlock", "MambaLM", "RMSNorm"]
+
+
+class DecodeWeights(NamedTuple):
+    """What `MambaLM.decode_weights` prepares once for a decode loop."""
+
+    layers: tuple  # one nnx state per layer, sliced out of the stacked parameters
+    head: Optional[jax.Array]  # tied output matrix (V, D) in the compute dtype, or None
 
 
 class MambaCache(NamedTuple):
@@ -37,6 +44,9 @@ class MambaCache(NamedTuple):
 _REMAT_POLICIES = {
     "full": None,  # save nothing inside a layer, recompute it in the backward pass
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    # Recompute the layer but keep the scan's output and chunk-start states, so the
+    # backward pass does not rerun the scan kernel (impls that name those residuals).
+    "scan": jax.checkpoint_policies.save_only_these_names(*SCAN_RESIDUAL_NAMES),
 }
 
 
@@ -202,11 +212,27 @@ class MambaLM(nnx.Module):
             )
 
     # --------------------------------------------------------------- internals
-    def _logits(self, hidden):
+    def _logits(self, hidden, head_weight=None):
+        """Final norm and output matrix; `head_weight`: a tied (V, D) matrix already cast."""
         hidden = self.norm_f(hidden).astype(jnp.dtype(self.config.dtype))
         if self.config.tie_embeddings:
-            return hidden @ self.embedding.embedding[...].astype(hidden.dtype).T
+            if head_weight is None:
+                head_weight = self.embedding.embedding[...].astype(hidden.dtype)
+            return hidden @ head_weight.T
         return self.lm_head(hidden)
+
+    def decode_weights(self) -> "DecodeWeights":
+        """The weights a decode step reads, split per layer and cast ahead of the token loop.
+
+        Inside a loop, slicing layer i's matrices out of the stacked (Y, ...) parameters
+        copies them at every token (for Mamba-130m at B=32 that was 0.2 ms of a 1.2 ms
+        step on an H100), and a tied output matrix is recast from the fp32 embedding table.
+        Computed once before the loop and passed to every `step`, neither happens."""
+        c = self.config
+        _, layer_state = nnx.split(self.layers)
+        layers = tuple(jax.tree.map(lambda x: x[index], layer_state) for index in range(c.n_layer))
+        head = self.embedding.embedding[...].astype(jnp.dtype(c.dtype)) if c.tie_embeddings else None
+        return DecodeWeights(layers, head)
 
     def _run_layers(self, hidden, mask, return_cache):
         graphdef, layer_state = nnx.split(self.layers)
@@ -219,7 +245,16 @@ class MambaLM(nnx.Module):
 
         if self.config.remat != "none":
             one_layer = jax.checkpoint(one_layer, policy=_REMAT_POLICIES[self.config.remat])
-        return jax.lax.scan(one_layer, hidden, layer_state)
+        if self.config.scan_layers:
+            return jax.lax.scan(one_layer, hidden, layer_state)
+        # Written out layer by layer: what the backward pass keeps from each layer stays in
+        # that layer's own buffers, where a scan stacks it, and the stacking copies it once
+        # on the way in and once on the way out (benchmarks/NOTES.md, section 8).
+        caches = []
+        for index in range(self.config.n_layer):
+            hidden, cache = one_layer(hidden, jax.tree.map(lambda x: x[index], layer_state))
+            caches.append(cache)
+        return hidden, (jax.tree.map(lambda *xs: jnp.stack(xs), *caches) if return_cache else None)
 
     # ------------------------------------------------------------------ public
     def __call__(self, input_ids, attention_mask=None):
@@ -237,12 +272,15 @@ class MambaLM(nnx.Module):
         hidden, (conv_state, ssm_state) = self._run_layers(hidden, attention_mask, return_cache=True)
         return self._logits(hidden), MambaCache(conv_state, ssm_state)
 
-    def step(self, token_ids, cache: MambaCache, *, unroll_layers: bool = True):
+    def step(self, token_ids, cache: MambaCache, *, unroll_layers: bool = True,
+             weights: "DecodeWeights | None" = None):
         """One decode step: token_ids (B,) -> (logits (B, V), updated cache).
 
         `unroll_layers` writes the layer loop out in full: a decode step is a few small
         kernels per layer, and as straight-line code XLA launches them without a loop
-        round trip per layer and can hoist per-layer weight work out of a decode loop.
+        round trip per layer. Each layer then writes its new state into the cache in place
+        (`.at[layer].set`), where a scan would restack the whole cache every token.
+        `weights` is `decode_weights()`, computed once outside a decode loop.
         """
         graphdef, layer_state = nnx.split(self.layers)
 
@@ -252,10 +290,18 @@ class MambaLM(nnx.Module):
             return hidden, (conv_state, ssm_state)
 
         hidden = self.embedding(token_ids)
-        hidden, (conv_state, ssm_state) = jax.lax.scan(
-            one_layer, hidden, (layer_state, cache.conv_state, cache.ssm_state), unroll=bool(unroll_layers)
-        )
-        return self._logits(hidden), MambaCache(conv_state, ssm_state)
+        head = None if weights is None else weights.head
+        if not unroll_layers:
+            hidden, (conv_state, ssm_state) = jax.lax.scan(
+                one_layer, hidden, (layer_state, cache.conv_state, cache.ssm_state))
+            return self._logits(hidden, head), MambaCache(conv_state, ssm_state)
+        conv_state, ssm_state = cache
+        for index in range(self.config.n_layer):
+            state = (jax.tree.map(lambda x: x[index], layer_state) if weights is None
+                     else weights.layers[index])
+            hidden, (new_conv, new_ssm) = one_layer(hidden, (state, conv_state[index], ssm_state[index]))
+            conv_state, ssm_state = conv_state.at[index].set(new_conv), ssm_state.at[index].set(new_ssm)
+        return self._logits(hidden, head), MambaCache(conv_state, ssm_state)
 
     def init_cache(self, batch_size: int) -> MambaCache:
         c = self.config

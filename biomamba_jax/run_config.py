@@ -31,7 +31,8 @@ class ModelSection:
     init: str = "state-spaces/mamba-130m-hf"  # "random", a checkpoint dir, or a Hub id
     dtype: str = "bfloat16"
     scan_impl: str = "auto"
-    remat: str = "full"
+    remat: str = "full"  # none | full | dots | scan (see MambaConfig)
+    scan_layers: bool = True  # false: layers written out one by one (faster step, slower compile)
 
 
 @dataclasses.dataclass

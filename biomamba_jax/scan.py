@@ -46,7 +46,15 @@ __all__ = [
     "parse_scan_impl",
     "SCAN_IMPLS",
     "FUSED_SCAN_IMPLS",
+    "SCAN_RESIDUAL_NAMES",
 ]
+
+# Names under which an impl tags what its backward needs from the forward (its output and
+# its chunk-start states), with `jax.ad_checkpoint.checkpoint_name`. A remat policy that
+# saves these names (MambaConfig.remat="scan") recomputes the rest of a layer in the
+# backward pass but not the scan kernel. Impls without such residuals (reference,
+# associative, chunked) tag nothing, and the policy then recomputes them as "full" does.
+SCAN_RESIDUAL_NAMES = ("selective_scan_output", "selective_scan_states")
 
 
 def _prepare_delta(delta, delta_bias, delta_softplus, mask):

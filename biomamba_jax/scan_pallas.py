@@ -46,7 +46,9 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from biomamba_jax.scan import register_scan_impl
+from jax.ad_checkpoint import checkpoint_name
+
+from biomamba_jax.scan import SCAN_RESIDUAL_NAMES, register_scan_impl
 
 __all__ = ["pallas_scan", "pallas_selective_scan", "PallasScanConfig"]
 
@@ -77,6 +79,9 @@ class PallasScanConfig(NamedTuple):
     # XLA applies from the forward's saved pre-gate output); "off" (XLA does everything
     # around the plain scan adjoint).
     bwd_fuse: str = "nogate"
+    # The backward walks a chunk twice (states forward, adjoint in reverse): keep the
+    # chunk's decays between the walks, or recompute them to hold fewer registers.
+    bwd_recompute_decays: bool = False
     interpret: Optional[bool] = None  # None: interpret unless the backend is GPU
 
     @classmethod
@@ -107,6 +112,7 @@ class _Plan(NamedTuple):
     chunks_per_segment: int
     fusion: _Fusion  # forward kernel
     bwd_fusion: _Fusion  # backward kernel: a subset of `fusion`
+    recompute_decays: bool = False  # backward: recompute decays in the reverse walk
 
     @property
     def saves_pre_gate(self) -> bool:
@@ -220,6 +226,7 @@ def _backward_kernel(*refs, plan, block_e):
     b, block, segment = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     channels = pl.ds(block * block_e, block_e)
     A = A_ref[channels, :]
+    A_log2 = A * 1.4426950408889634  # exp(x A) = exp2(x A log2(e))
     bias = bias_ref[channels] if fusion.bias else None
     D = D_ref[channels] if fusion.skip else None
     first = segment * plan.chunks_per_segment
@@ -240,10 +247,17 @@ def _backward_kernel(*refs, plan, block_e):
         states = [h_start]
         for (u, _, Bt, _, _, _), delta, decay in zip(rows, deltas, decays):
             states.append(decay * states[-1] + (delta * u)[:, None] * Bt[None, :])
+        if plan.recompute_decays:
+            # Fewer live registers: the chunk's decay tiles are not kept for the reverse
+            # walk but recomputed there, as exp2 so that the compiler cannot merge the two
+            # computations back into one kept value.
+            decays = [None] * chunk
         for i in reversed(range(chunk)):
             t = c * chunk + i
             u, raw, Bt, Ct, z, dy = rows[i]
             delta, decay = deltas[i], decays[i]
+            if decay is None:
+                decay = jnp.exp2(delta[:, None] * A_log2)
             if fusion.gate:
                 sig = _sigmoid(z)
                 out = jnp.sum(states[i + 1] * Ct[None, :], axis=1)
@@ -450,8 +464,12 @@ def _backward(cfg, plan, residuals, dy, dfinal):
         ddelta = ddelta * _softplus_grad(raw_delta.astype(f32), bias, full)
     if prepare_delta_in_xla and full.bias:
         dbias = ddelta.sum((0, 1))
-    return (du.astype(raw_u_dtype), ddelta.astype(raw_delta.dtype), dA.sum((0, 1)), dB.sum(1).astype(B.dtype),
-            dC.sum(1).astype(C.dtype), dh_start[:, 0], dbias, dD, dz)
+    # Sum the per-block partials behind a barrier: fused into its consumer (the
+    # concatenation of x_proj's output gradient), XLA ran the dB sum as a loop of strided
+    # loads at a quarter of the bandwidth its reduction kernel reached for dC on H100.
+    dB, dC = jax.lax.optimization_barrier((dB.sum(1), dC.sum(1)))
+    return (du.astype(raw_u_dtype), ddelta.astype(raw_delta.dtype), dA.sum((0, 1)), dB.astype(B.dtype),
+            dC.astype(C.dtype), dh_start[:, 0], dbias, dD, dz)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
@@ -462,6 +480,10 @@ def _scan_padded(cfg, plan, u, delta, A, B, C, h0, bias, D, z):
 
 def _scan_padded_fwd(cfg, plan, u, delta, A, B, C, h0, bias, D, z):
     y, final, saved = _forward(cfg, plan, u, delta, A, B, C, h0, bias, D, z, save_states=True)
+    # Named so that remat="scan" keeps them and the backward pass skips the forward kernel.
+    output_name, states_name = SCAN_RESIDUAL_NAMES
+    y = checkpoint_name(y, output_name)
+    saved = tuple(checkpoint_name(x, states_name) for x in saved)
     return (y, final), (u, delta, A, B, C, bias, D, z, saved)
 
 
@@ -496,7 +518,8 @@ def _run(u, delta, A, B, C, h0, bias, D, z, fusion, options):
     padded_e = -(-channels // widest) * widest
     padded_l = -(-length // (segments * cfg.chunk)) * (segments * cfg.chunk)
     bwd_fusion = {"all": fusion, "nogate": fusion._replace(gate=False), "off": _Fusion()}[cfg.bwd_fuse]
-    plan = _Plan(cfg.chunk, segments, padded_l // (segments * cfg.chunk), fusion, bwd_fusion)
+    plan = _Plan(cfg.chunk, segments, padded_l // (segments * cfg.chunk), fusion, bwd_fusion,
+                 cfg.bwd_recompute_decays)
     padded_n = _next_pow2(d_state)
     de, dn, dl = padded_e - channels, padded_n - d_state, padded_l - length
 

@@ -218,7 +218,8 @@ def _check_data(config: RunConfig, vocab_size: int) -> dict:
 
 def _initial_model(config: RunConfig) -> tuple[MambaConfig, dict]:
     """(model config, numpy-or-jax params) from `model.init`: random, a checkpoint or a run."""
-    runtime = dict(dtype=config.model.dtype, scan_impl=config.model.scan_impl, remat=config.model.remat)
+    runtime = dict(dtype=config.model.dtype, scan_impl=config.model.scan_impl, remat=config.model.remat,
+                   scan_layers=config.model.scan_layers)
     if config.model.init == "random":
         overrides = {} if config.model.vocab_size is None else {"vocab_size": config.model.vocab_size}
         model_config = MambaConfig.preset(config.model.preset, **overrides, **runtime)

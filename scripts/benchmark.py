@@ -34,7 +34,9 @@ def parse_args(argv=None):
     p.add_argument("--preset", default="mamba-130m")
     p.add_argument("--layers", type=int, default=None, help="override n_layer (smoke tests)")
     p.add_argument("--dtype", default="bfloat16")
-    p.add_argument("--remat", default="full")
+    p.add_argument("--remat", default="full", choices=["none", "full", "dots", "scan"])
+    p.add_argument("--scan-layers", default="true", choices=["true", "false"],
+                   help="false: the model's layers written out one by one instead of a lax.scan")
     p.add_argument("--impls", default="associative,chunked,pallas",
                    help="impls for the scan workload; options as in 'pallas:block_e=64:chunk=16'")
     p.add_argument("--train-impls", default=None, help="impls for train/prefill (default: --impls)")
@@ -62,6 +64,10 @@ def parse_args(argv=None):
     p.add_argument("--torch-length", type=int, default=256)
     p.add_argument("--torch-steps", type=int, default=2)
     p.add_argument("--out", default=None, help="JSON results path")
+    p.add_argument("--dump-hlo", default=None, metavar="DIR", help="write each training step's optimised HLO here")
+    p.add_argument("--profile", type=int, default=0, metavar="TOP",
+                   help="after timing train/prefill/decode, trace 3 more calls with the JAX profiler and "
+                        "record the TOP ops by device time (0: off)")
     return p.parse_args(argv)
 
 
@@ -98,6 +104,25 @@ def timed(fn, *args, warmup, repeats):
 def process_peak_gib():
     stats = jax.devices()[0].memory_stats() or {}
     return round(stats.get("peak_bytes_in_use", 0) / GiB, 2)
+
+
+def add_profile(row, args, fn, *fn_args):
+    """With --profile, the per-op device time of fn(*fn_args) goes into the row and is printed."""
+    if not args.profile:
+        return
+    from biomamba_jax.profiling import profile_ops
+
+    try:
+        summary = profile_ops(fn, *fn_args, calls=3, top=args.profile)
+    except Exception as e:  # a profile is a bonus: never lose the timing over it
+        row["profile_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+        return
+    row["profile"] = summary
+    label = " ".join(str(row.get(k, "")) for k in ("workload", "impl", "batch", "length"))
+    print(f"PROFILE {label}: {summary['device_ms_per_call']} ms of device time per call; by category "
+          + ", ".join(f"{k} {v}" for k, v in summary["categories"].items()))
+    for op in summary["ops"]:
+        print(f"PROFILE   {op['ms_per_call']:9.3f} ms {op['launches_per_call']:7.1f}x {op['category']:12s} {op['name'][:110]}")
 
 
 def rel_err(a, b):
@@ -225,7 +250,7 @@ def build_model(args, impl):
     from biomamba_jax.config import MambaConfig
     from biomamba_jax.model import MambaLM
 
-    overrides = dict(dtype=args.dtype, scan_impl=impl, remat=args.remat)
+    overrides = dict(dtype=args.dtype, scan_impl=impl, remat=args.remat, scan_layers=args.scan_layers == "true")
     if args.layers:
         overrides["n_layer"] = args.layers
     cfg = MambaConfig.preset(args.preset, **overrides)
@@ -253,9 +278,17 @@ def bench_train(impl, batch, length, args, results):
 
     ids = jax.random.randint(jax.random.PRNGKey(0), (batch, length + 1), 0, cfg.vocab_size - 8)
     row = dict(workload="train", impl=impl, batch=batch, length=length, layers=cfg.n_layer,
-               params_M=round(n_params / 1e6, 1), remat=args.remat, dtype=args.dtype)
+               params_M=round(n_params / 1e6, 1), remat=args.remat, scan_layers=cfg.scan_layers,
+               dtype=args.dtype)
     try:
         compiled, exe, compile_s = compile_once(train_step, params, opt_state, ids)
+        if args.dump_hlo:  # the optimised program, to map profile op names to what they compute
+            import os
+
+            os.makedirs(args.dump_hlo, exist_ok=True)
+            name = f"train-{impl.replace(':', '_')}-b{batch}-l{length}-remat_{args.remat}-scan_layers_{args.scan_layers}.hlo.txt"
+            with open(os.path.join(args.dump_hlo, name), "w") as f:
+                f.write(compiled.as_text())
         state = [params, opt_state]
 
         def run():
@@ -265,6 +298,7 @@ def bench_train(impl, batch, length, args, results):
         med, times, _ = timed(run, warmup=args.warmup, repeats=args.repeats)
         row.update(step_s=round(med, 4), tokens_per_s=round(batch * length / med), times_s=[round(t, 4) for t in times],
                    compile_s=compile_s, exe_GiB=exe, peak_GiB=process_peak_gib(), loss=float(run()))
+        add_profile(row, args, run)
     except Exception as e:
         row.update(error=f"{type(e).__name__}: {str(e)[:300]}")
         traceback.print_exc()
@@ -291,6 +325,7 @@ def bench_prefill(impl, length, args, results):
         med, times, _ = timed(compiled, state, ids, warmup=args.warmup, repeats=args.repeats)
         row.update(s=round(med, 5), tokens_per_s=round(length / med), compile_s=compile_s,
                    exe_GiB=gib, peak_GiB=process_peak_gib())
+        add_profile(row, args, compiled, state, ids)
     except Exception as e:
         row.update(error=f"{type(e).__name__}: {str(e)[:300]}")
     results.append(row)
@@ -312,6 +347,7 @@ def bench_decode(impl, batch, unroll, args, results):
         row.update(s=round(med, 4), ms_per_token=round(med / args.new_tokens * 1e3, 3),
                    tokens_per_s=round(batch * args.new_tokens / med), compile_s=round(first, 1),
                    peak_GiB=process_peak_gib())
+        add_profile(row, args, run)
     except Exception as e:
         row.update(error=f"{type(e).__name__}: {str(e)[:300]}")
     results.append(row)

@@ -70,8 +70,9 @@ def test_stop_tokens_end_beams_and_calls_do_not_retrace(model, prompts):
 
 
 def test_precast_weights_and_unrolled_layers_give_identical_bf16_steps():
-    """The decode loop's two speed-ups change nothing: kernels cast to bf16 once before
-    the loop give the same bits as casting at every step, with the layer loop unrolled or not."""
+    """The decode loop's speed-ups change nothing: kernels cast to bf16 once before the
+    loop, per-layer weights and the tied output matrix prepared once (`decode_weights`),
+    and the layer loop unrolled (cache updated in place) give the bits of the plain step."""
     from biomamba_jax.generate import matmul_weights_in_compute_dtype
 
     config = MambaConfig.preset("tiny", vocab_size=48, dtype="bfloat16", scan_impl="reference")
@@ -84,10 +85,17 @@ def test_precast_weights_and_unrolled_layers_give_identical_bf16_steps():
 
     _, cache = bf16_model.prefill(jnp.asarray([[5, 9, 11, 2]]))
     token = jnp.asarray([7])
-    step = jax.jit(lambda s, unroll: nnx.merge(graphdef, s).step(token, cache, unroll_layers=unroll),
-                   static_argnums=1)
-    reference_logits, reference_cache = step(state, False)
-    for candidate_state, unroll in ((precast, False), (precast, True), (state, True)):
-        logits, new_cache = step(candidate_state, unroll)
+    def step(state, unroll, prepared):
+        model = nnx.merge(graphdef, state)
+        return model.step(token, cache, unroll_layers=unroll, weights=model.decode_weights() if prepared else None)
+
+    step = jax.jit(step, static_argnums=(1, 2))
+    reference_logits, reference_cache = step(state, False, False)
+    for candidate_state, unroll, prepared in (
+        (precast, False, False), (precast, True, False), (state, True, False), (precast, True, True),
+    ):
+        logits, new_cache = step(candidate_state, unroll, prepared)
         np.testing.assert_array_equal(np.asarray(logits, np.float32), np.asarray(reference_logits, np.float32))
         np.testing.assert_array_equal(np.asarray(new_cache.ssm_state), np.asarray(reference_cache.ssm_state))
+        np.testing.assert_array_equal(np.asarray(new_cache.conv_state, np.float32),
+                                      np.asarray(reference_cache.conv_state, np.float32))

@@ -166,7 +166,7 @@ def test_remat_and_scan_impl_do_not_change_values(tiny_pair):
     _, model, _ = tiny_pair
     ids = jnp.asarray(np.random.RandomState(7).randint(0, 256, (2, 10)))
     params = model_params(model)
-    for changes in (dict(remat="full"), dict(remat="dots"), dict(scan_impl="reference")):
+    for changes in (dict(remat="full"), dict(remat="dots"), dict(remat="scan"), dict(scan_impl="reference")):
         other = model_from_params(model.config.replace(**changes), params)
         assert rel_err(other(ids), model(ids)) < 1e-5
 
@@ -192,3 +192,24 @@ def test_causal_depthwise_conv_equals_grouped_lax_conv():
     for ours_grad, ref_grad in zip(jax.grad(ours, argnums=(0, 1, 2))(x, kernel, bias),
                                    jax.grad(grouped, argnums=(0, 1, 2))(x, kernel, bias)):
         assert rel_err(ours_grad, ref_grad) < 1e-6
+
+
+@pytest.mark.parametrize("remat", ["none", "full"])
+def test_layers_written_out_match_the_layer_scan(tiny_pair, remat):
+    """scan_layers=False (no stacking copies) gives the scan's logits, gradients and cache."""
+    _, model, _ = tiny_pair
+    ids = jnp.asarray(np.random.RandomState(8).randint(0, 256, (2, 12)))
+    params = model_params(model)
+    results = {}
+    for scan_layers in (True, False):
+        other = model_from_params(model.config.replace(remat=remat, scan_layers=scan_layers), params)
+        graphdef, weights, rest = nnx.split(other, nnx.Param, ...)
+        loss = lambda w: nnx.merge(graphdef, w, rest)(ids).astype(jnp.float32).mean()
+        logits, cache = other.prefill(ids)
+        results[scan_layers] = (logits, cache, jax.tree.leaves(jax.grad(loss)(weights)))
+    (logits, cache, grads), (logits_out, cache_out, grads_out) = results[True], results[False]
+    assert rel_err(logits_out, logits) < 1e-6
+    assert rel_err(cache_out.ssm_state, cache.ssm_state) < 1e-6
+    assert rel_err(cache_out.conv_state, cache.conv_state) < 1e-6
+    for scanned, written_out in zip(grads, grads_out):
+        assert rel_err(written_out, scanned) < 1e-5

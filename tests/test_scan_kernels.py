@@ -84,6 +84,7 @@ def test_chunked_rejects_unknown_inner():
         ((2, 8, 5, 3), dict(chunk=8, block_e=4)),  # odd channels, N not a power of 2
         ((1, 3, 2, 2), dict(chunk=16, block_e=32)),  # chunk and block larger than L, E
         ((1, 9, 12, 4), dict(chunk=2, block_e=8, bwd_block_e=4)),  # backward tiled differently
+        ((2, 21, 8, 4), dict(chunk=4, block_e=8, bwd_recompute_decays=True)),  # decays recomputed
     ],
 )
 def test_pallas_interpret_values_and_grads(shape, options):
@@ -191,3 +192,30 @@ def test_default_pallas_leaves_bias_softplus_skip_and_gate_to_xla(monkeypatch):
     assert len(calls) == 1
     selective_scan(*x[:5], **extras, impl="pallas:fuse=true")
     assert len(calls) == 1
+
+
+@pytest.mark.parametrize("impl", ["pallas", "pallas:fuse=true"])
+def test_remat_scan_keeps_the_scan_residuals_and_the_gradients(impl, capsys):
+    """remat="scan" saves the kernel's output and chunk states (so the backward pass need
+    not rerun the forward kernel) and gives the same gradients as remat="full"."""
+    from flax import nnx
+
+    from biomamba_jax.config import MambaConfig
+    from biomamba_jax.model import MambaBlock, MambaLM, _REMAT_POLICIES
+
+    config = MambaConfig(d_model=16, n_layer=2, vocab_size=64, d_state=4, scan_impl=impl, remat="scan")
+    graphdef, state = nnx.split(MambaBlock(config, rngs=nnx.Rngs(0)))
+    layer = jax.checkpoint(lambda h, s: nnx.merge(graphdef, s)(h), policy=_REMAT_POLICIES["scan"])
+    jax.ad_checkpoint.print_saved_residuals(lambda h, s: layer(h, s).sum(), jnp.ones((2, 10, 16)), state)
+    saved = capsys.readouterr().out
+    assert "named 'selective_scan_output'" in saved and "named 'selective_scan_states'" in saved
+
+    ids = jnp.asarray(np.random.RandomState(3).randint(0, 64, (2, 21)))
+    grads = {}
+    for remat in ("full", "scan"):
+        model = MambaLM(config.replace(remat=remat), rngs=nnx.Rngs(1))
+        graphdef_lm, params, rest = nnx.split(model, nnx.Param, ...)
+        loss = lambda p: nnx.merge(graphdef_lm, p, rest)(ids).astype(jnp.float32).mean()
+        grads[remat] = jax.tree.leaves(jax.grad(loss)(params))
+    for full, kept in zip(grads["full"], grads["scan"]):
+        assert rel_err(kept, full) < 1e-6
