@@ -110,7 +110,8 @@ def _generate_jit(graphdef, state, input_ids, attention_mask, rng, *, max_new_to
         next_logits, cache = step_model.step(token, cache, unroll_layers=unroll_layers, weights=weights)
         return index + 1, cache, next_logits, tokens, finished, lengths, rng
 
-    carry = (jnp.int32(0), cache, logits[:, -1], tokens, finished, lengths, rng)
+    # Each layer's state as its own loop buffer, rewritten in place by that layer's step.
+    carry = (jnp.int32(0), cache.per_layer(), logits[:, -1], tokens, finished, lengths, rng)
     _, _, _, tokens, _, lengths, _ = jax.lax.while_loop(keep_going, decode_one, carry)
     return tokens, lengths
 

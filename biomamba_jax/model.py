@@ -35,10 +35,21 @@ class DecodeWeights(NamedTuple):
 
 
 class MambaCache(NamedTuple):
-    """Recurrent state of every layer: the conv window and the fp32 SSM state."""
+    """Recurrent state of every layer: the conv window and the fp32 SSM state.
+
+    Stacked, each field is one array with a leading layer axis. A decode loop carries the
+    per-layer form instead (`per_layer()`: a tuple of Y arrays per field), so each layer's
+    step rewrites its own buffers in place; updating one slice of a stacked cache per
+    layer costs a copy kernel per layer and token."""
 
     conv_state: jax.Array  # (Y, B, E, K) last K pre-conv inputs, newest last
     ssm_state: jax.Array  # (Y, B, E, N) fp32
+
+    def per_layer(self) -> "MambaCache":
+        return MambaCache(*(tuple(field) for field in self))
+
+    def stacked(self) -> "MambaCache":
+        return MambaCache(*(jnp.stack(field) if isinstance(field, (tuple, list)) else field for field in self))
 
 
 _REMAT_POLICIES = {
@@ -278,8 +289,8 @@ class MambaLM(nnx.Module):
 
         `unroll_layers` writes the layer loop out in full: a decode step is a few small
         kernels per layer, and as straight-line code XLA launches them without a loop
-        round trip per layer. Each layer then writes its new state into the cache in place
-        (`.at[layer].set`), where a scan would restack the whole cache every token.
+        round trip per layer. The cache comes back in the form it came in: stacked, or
+        per layer (`MambaCache.per_layer()`, what a decode loop should carry).
         `weights` is `decode_weights()`, computed once outside a decode loop.
         """
         graphdef, layer_state = nnx.split(self.layers)
@@ -291,17 +302,20 @@ class MambaLM(nnx.Module):
 
         hidden = self.embedding(token_ids)
         head = None if weights is None else weights.head
+        per_layer = isinstance(cache.ssm_state, (tuple, list))
         if not unroll_layers:
             hidden, (conv_state, ssm_state) = jax.lax.scan(
-                one_layer, hidden, (layer_state, cache.conv_state, cache.ssm_state))
-            return self._logits(hidden, head), MambaCache(conv_state, ssm_state)
-        conv_state, ssm_state = cache
+                one_layer, hidden, (layer_state, *cache.stacked()))
+            new_cache = MambaCache(conv_state, ssm_state)
+            return self._logits(hidden, head), (new_cache.per_layer() if per_layer else new_cache)
+        new_states = []
         for index in range(self.config.n_layer):
             state = (jax.tree.map(lambda x: x[index], layer_state) if weights is None
                      else weights.layers[index])
-            hidden, (new_conv, new_ssm) = one_layer(hidden, (state, conv_state[index], ssm_state[index]))
-            conv_state, ssm_state = conv_state.at[index].set(new_conv), ssm_state.at[index].set(new_ssm)
-        return self._logits(hidden, head), MambaCache(conv_state, ssm_state)
+            hidden, states = one_layer(hidden, (state, cache.conv_state[index], cache.ssm_state[index]))
+            new_states.append(states)
+        new_cache = MambaCache(*(tuple(field) for field in zip(*new_states)))
+        return self._logits(hidden, head), (new_cache if per_layer else new_cache.stacked())
 
     def init_cache(self, batch_size: int) -> MambaCache:
         c = self.config

@@ -547,8 +547,9 @@ def _initial_state(initial_state, batch, channels, d_state):
 
 def pallas_scan(u, delta, A, B, C, initial_state, **options):
     """Selective scan through the Pallas kernels; same contract as `_reference_scan`
-    (fp32 u and delta with softplus already applied, y without D and gate).
-    `options` are `PallasScanConfig` fields, e.g. block_e=32, chunk=8."""
+    (delta with softplus applied, y in fp32 without D and gate). u, B and C may also come
+    in a narrower dtype: the kernels compute in fp32 and return their gradients in the
+    inputs' dtypes. `options` are `PallasScanConfig` fields, e.g. block_e=32, chunk=8."""
     h0 = _initial_state(initial_state, *u.shape[::2], A.shape[-1])
     return _run(u, delta, A, B, C, h0, None, None, None, _Fusion(), options)
 
@@ -565,9 +566,12 @@ def pallas_selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, de
         from biomamba_jax.scan import _finish_output, _prepare_delta
 
         delta32 = _prepare_delta(delta, delta_bias, delta_softplus, mask)
-        u32 = u.astype(f32) if mask is None else u.astype(f32) * mask[..., None].astype(f32)
-        y, final = pallas_scan(u32, delta32, A.astype(f32), B.astype(f32), C.astype(f32), initial_state, **options)
-        return _finish_output(y, u32, D, z, u.dtype), final
+        # u, B and C go in as they are (bf16 in training, where u is a bf16 activation, so
+        # nothing is lost): the kernels read them as fp32 and return their gradients in
+        # their own dtypes, which saves an fp32 (B, L, E) copy of u and of du per layer.
+        u = u if mask is None else u * mask[..., None].astype(u.dtype)
+        y, final = pallas_scan(u, delta32, A.astype(f32), B, C, initial_state, **options)
+        return _finish_output(y, u.astype(f32), D, z, u.dtype), final
     fusion = _Fusion(bias=delta_bias is not None, softplus=bool(delta_softplus),
                      skip=D is not None, gate=z is not None)
     if mask is not None:

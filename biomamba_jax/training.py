@@ -102,11 +102,20 @@ def token_loss_sums(graphdef, params, batch) -> tuple[jax.Array, jax.Array]:
 def _accumulate(graphdef, params, batch):
     """Sum losses, token counts and gradients of the loss sum over the micro-batch axis."""
 
-    def one_micro_batch(carry, micro):
-        loss_sum, count, grads = carry
+    def sums_and_grads(micro):
         (micro_loss, micro_count), micro_grads = jax.value_and_grad(
             lambda p: token_loss_sums(graphdef, p, micro), has_aux=True
         )(params)
+        return micro_loss, micro_count, micro_grads
+
+    if jax.tree.leaves(batch)[0].shape[0] == 1:
+        # One micro-batch: no loop, so XLA schedules the step's buffers as one program
+        # and no zero gradients are made to be added to.
+        return sums_and_grads(jax.tree.map(lambda x: x[0], batch))
+
+    def one_micro_batch(carry, micro):
+        loss_sum, count, grads = carry
+        micro_loss, micro_count, micro_grads = sums_and_grads(micro)
         grads = jax.tree.map(jnp.add, grads, micro_grads)
         return (loss_sum + micro_loss, count + micro_count, grads), None
 

@@ -95,6 +95,15 @@ def test_precast_weights_and_unrolled_layers_give_identical_bf16_steps():
         (precast, False, False), (precast, True, False), (state, True, False), (precast, True, True),
     ):
         logits, new_cache = step(candidate_state, unroll, prepared)
+        # The per-layer cache form a decode loop carries comes back per layer, with the same
+        # logits and the state equal up to fp32 rounding (XLA fuses the two programs apart).
+        per_layer_logits, per_layer_cache = jax.jit(
+            lambda s, c: nnx.merge(graphdef, s).step(token, c, unroll_layers=unroll),
+        )(candidate_state, cache.per_layer())
+        assert isinstance(per_layer_cache.ssm_state, tuple) and len(per_layer_cache.ssm_state) == config.n_layer
+        np.testing.assert_array_equal(np.asarray(per_layer_logits, np.float32), np.asarray(logits, np.float32))
+        ours, expected = np.asarray(per_layer_cache.stacked().ssm_state), np.asarray(new_cache.ssm_state)
+        assert np.linalg.norm(ours - expected) <= 1e-6 * np.linalg.norm(expected)
         np.testing.assert_array_equal(np.asarray(logits, np.float32), np.asarray(reference_logits, np.float32))
         np.testing.assert_array_equal(np.asarray(new_cache.ssm_state), np.asarray(reference_cache.ssm_state))
         np.testing.assert_array_equal(np.asarray(new_cache.conv_state, np.float32),

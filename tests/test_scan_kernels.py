@@ -193,6 +193,14 @@ def test_default_pallas_leaves_bias_softplus_skip_and_gate_to_xla(monkeypatch):
     selective_scan(*x[:5], **extras, impl="pallas:fuse=true")
     assert len(calls) == 1
 
+    # bf16 activations reach the plain kernels as they are, with no fp32 copy made first.
+    seen = []
+    monkeypatch.setattr(scan_pallas, "pallas_scan", lambda *a, **k: seen.append(a) or plain(*a, **k))
+    bf16 = lambda t: t.astype(jnp.bfloat16)
+    selective_scan(bf16(x[0]), bf16(x[1]), x[2], bf16(x[3]), bf16(x[4]), **extras, impl="pallas")
+    u, delta, _, B, C = seen[0][:5]
+    assert (u.dtype, B.dtype, C.dtype, delta.dtype) == (jnp.bfloat16, jnp.bfloat16, jnp.bfloat16, jnp.float32)
+
 
 @pytest.mark.parametrize("impl", ["pallas", "pallas:fuse=true"])
 def test_remat_scan_keeps_the_scan_residuals_and_the_gradients(impl, capsys):
