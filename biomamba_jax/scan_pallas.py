@@ -79,9 +79,6 @@ class PallasScanConfig(NamedTuple):
     # XLA applies from the forward's saved pre-gate output); "off" (XLA does everything
     # around the plain scan adjoint).
     bwd_fuse: str = "nogate"
-    # The backward walks a chunk twice (states forward, adjoint in reverse): keep the
-    # chunk's decays between the walks, or recompute them to hold fewer registers.
-    bwd_recompute_decays: bool = False
     interpret: Optional[bool] = None  # None: interpret unless the backend is GPU
 
     @classmethod
@@ -112,7 +109,6 @@ class _Plan(NamedTuple):
     chunks_per_segment: int
     fusion: _Fusion  # forward kernel
     bwd_fusion: _Fusion  # backward kernel: a subset of `fusion`
-    recompute_decays: bool = False  # backward: recompute decays in the reverse walk
 
     @property
     def saves_pre_gate(self) -> bool:
@@ -226,7 +222,6 @@ def _backward_kernel(*refs, plan, block_e):
     b, block, segment = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     channels = pl.ds(block * block_e, block_e)
     A = A_ref[channels, :]
-    A_log2 = A * 1.4426950408889634  # exp(x A) = exp2(x A log2(e))
     bias = bias_ref[channels] if fusion.bias else None
     D = D_ref[channels] if fusion.skip else None
     first = segment * plan.chunks_per_segment
@@ -247,17 +242,10 @@ def _backward_kernel(*refs, plan, block_e):
         states = [h_start]
         for (u, _, Bt, _, _, _), delta, decay in zip(rows, deltas, decays):
             states.append(decay * states[-1] + (delta * u)[:, None] * Bt[None, :])
-        if plan.recompute_decays:
-            # Fewer live registers: the chunk's decay tiles are not kept for the reverse
-            # walk but recomputed there, as exp2 so that the compiler cannot merge the two
-            # computations back into one kept value.
-            decays = [None] * chunk
         for i in reversed(range(chunk)):
             t = c * chunk + i
             u, raw, Bt, Ct, z, dy = rows[i]
             delta, decay = deltas[i], decays[i]
-            if decay is None:
-                decay = jnp.exp2(delta[:, None] * A_log2)
             if fusion.gate:
                 sig = _sigmoid(z)
                 out = jnp.sum(states[i + 1] * Ct[None, :], axis=1)
@@ -518,8 +506,7 @@ def _run(u, delta, A, B, C, h0, bias, D, z, fusion, options):
     padded_e = -(-channels // widest) * widest
     padded_l = -(-length // (segments * cfg.chunk)) * (segments * cfg.chunk)
     bwd_fusion = {"all": fusion, "nogate": fusion._replace(gate=False), "off": _Fusion()}[cfg.bwd_fuse]
-    plan = _Plan(cfg.chunk, segments, padded_l // (segments * cfg.chunk), fusion, bwd_fusion,
-                 cfg.bwd_recompute_decays)
+    plan = _Plan(cfg.chunk, segments, padded_l // (segments * cfg.chunk), fusion, bwd_fusion)
     padded_n = _next_pow2(d_state)
     de, dn, dl = padded_e - channels, padded_n - d_state, padded_l - length
 

@@ -84,7 +84,6 @@ def test_chunked_rejects_unknown_inner():
         ((2, 8, 5, 3), dict(chunk=8, block_e=4)),  # odd channels, N not a power of 2
         ((1, 3, 2, 2), dict(chunk=16, block_e=32)),  # chunk and block larger than L, E
         ((1, 9, 12, 4), dict(chunk=2, block_e=8, bwd_block_e=4)),  # backward tiled differently
-        ((2, 21, 8, 4), dict(chunk=4, block_e=8, bwd_recompute_decays=True)),  # decays recomputed
     ],
 )
 def test_pallas_interpret_values_and_grads(shape, options):
