@@ -9,7 +9,9 @@ accelerators). A_log, D, the dt bias, the norms, the residual stream and the sca
 stay fp32 whatever the compute dtype, as in mamba_ssm.
 
 Layers are created stacked (every parameter has a leading Y axis) and run under
-`jax.lax.scan`, so compile time does not grow with depth and remat is one decorator.
+`jax.lax.scan`, so compile time does not grow with depth and remat is one decorator; with
+`scan_layers=False` they are written out one by one instead, which trades compile time
+for the copies a scan makes of what the backward pass keeps from each layer.
 """
 
 from __future__ import annotations
