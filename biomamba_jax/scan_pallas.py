@@ -81,7 +81,7 @@ class PallasScanConfig(NamedTuple):
     bwd_fuse: str = "nogate"
     # What the backward kernel loads of the next chunk while it computes this one: "all"
     # (like the forward), "channels" (u, delta, dy; the B and C rows that all channel
-    # blocks share are loaded when used) or "none". Prefetching holds a second chunk of
+    # blocks share are loaded when used) or "off". Prefetching holds a second chunk of
     # rows in registers: Nsight Compute showed the backward at 255 registers per thread,
     # which caps it at 8 one-warp programs per SM.
     bwd_prefetch: str = "all"
@@ -95,8 +95,8 @@ class PallasScanConfig(NamedTuple):
         config = cls(**options)
         if config.bwd_fuse not in ("all", "nogate", "off"):
             raise ValueError(f"pallas scan option bwd_fuse={config.bwd_fuse!r}; choose all, nogate or off")
-        if config.bwd_prefetch not in ("all", "channels", "none"):
-            raise ValueError(f"pallas scan option bwd_prefetch={config.bwd_prefetch!r}; choose all, channels or none")
+        if config.bwd_prefetch not in ("all", "channels", "off"):
+            raise ValueError(f"pallas scan option bwd_prefetch={config.bwd_prefetch!r}; choose all, channels or off")
         return config
 
 
@@ -301,7 +301,7 @@ def _backward_kernel(*refs, plan, block_e):
 
     g_end = g_end_ref[b, segment, channels, :]
     zeros_e = jnp.zeros((block_e,), f32)
-    first_load = {"all": lambda: load(last), "channels": lambda: load(last, shared=False), "none": tuple}
+    first_load = {"all": lambda: load(last), "channels": lambda: load(last, shared=False), "off": tuple}
     init = (g_end, jnp.zeros_like(g_end), zeros_e, zeros_e, first_load[plan.bwd_prefetch]())
     g, dA, dD, dbias, _ = jax.lax.fori_loop(0, plan.chunks_per_segment, one_chunk, init)
     dh_start_ref[b, segment, channels, :] = g
