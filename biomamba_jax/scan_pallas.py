@@ -59,10 +59,13 @@ class PallasScanConfig(NamedTuple):
     chunk: int = 8  # steps unrolled per loop iteration; state saved at chunk starts
     block_e: int = 16  # channels per program (forward)
     num_warps: int = 2
-    # The backward holds more per step (recomputed states, decays, adjoint): on one H100
-    # 8 channels on one warp ran a layer's scan forward+backward in 2.26 ms against 3.11 ms
-    # for 16 channels on 2 warps (benchmarks/NOTES.md). None: as the forward.
-    bwd_block_e: Optional[int] = 8
+    # The backward holds more per step (recomputed states, decays, adjoint) and runs out of
+    # registers first, so it takes fewer channels per program, on one warp. None picks by
+    # measurement on one H100 (benchmarks/NOTES.md, section 8): 4 channels when the
+    # sequence is not split into segments (Mamba-130m training step at B=8, L=2048:
+    # 148,462 against 141,287 tok/s for 8), 8 when it is (B=1, L=16k: 121,729 against
+    # 118,642 for 4). bwd_num_warps None: as the forward.
+    bwd_block_e: Optional[int] = None
     bwd_num_warps: Optional[int] = 1
     # A grid of fewer programs than this splits the sequence into segments, until it has
     # this many and no segment is longer than `max_segment_length` steps (measured on H100:
@@ -416,7 +419,7 @@ def _backward(cfg, plan, residuals, dy, dfinal):
     batch, length, channels = u.shape
     d_state = A.shape[-1]
     S, fusion, full = plan.segments, plan.bwd_fusion, plan.fusion
-    block_e = cfg.bwd_block_e or cfg.block_e
+    block_e = cfg.bwd_block_e  # resolved by _tiling
     warps = cfg.bwd_num_warps or cfg.num_warps
     n_blocks = channels // block_e
     grid = (batch, n_blocks, S)
@@ -512,7 +515,6 @@ _scan_padded.defvjp(_scan_padded_fwd, _scan_padded_bwd)
 def _tiling(cfg: PallasScanConfig, batch: int, length: int, channels: int):
     """Clamp the config to the shape and pick the number of segments: (cfg, segments)."""
     block_e = min(cfg.block_e, _next_pow2(channels))
-    bwd_block_e = min(cfg.bwd_block_e or block_e, _next_pow2(channels))
     chunk = max(1, min(cfg.chunk, length))
     programs = batch * -(-channels // block_e)
     segments = 1
@@ -521,6 +523,8 @@ def _tiling(cfg: PallasScanConfig, batch: int, length: int, channels: int):
             programs * segments < cfg.min_programs or length > segments * cfg.max_segment_length
         ):
             segments *= 2
+    bwd_block_e = cfg.bwd_block_e or (8 if segments > 1 else 4)
+    bwd_block_e = min(bwd_block_e, _next_pow2(channels))
     return cfg._replace(block_e=block_e, bwd_block_e=bwd_block_e, chunk=chunk), segments
 
 

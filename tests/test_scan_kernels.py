@@ -105,6 +105,11 @@ def test_segment_count_fills_the_grid_and_respects_the_minimum_length():
     assert _tiling(PallasScanConfig(), 8, 16384, 1536)[1] == 1  # ... at any length
     assert _tiling(PallasScanConfig(), 1, 600, 1536)[1] == 1  # too short to split
     assert _tiling(PallasScanConfig(**SEGMENTED), 1, 70, 12)[1] == 8
+    # The backward's channels per program: 4 for a full grid, 8 when segmented, as set.
+    assert _tiling(PallasScanConfig(), 8, 2048, 1536)[0].bwd_block_e == 4
+    assert _tiling(PallasScanConfig(), 1, 16384, 1536)[0].bwd_block_e == 8
+    assert _tiling(PallasScanConfig(bwd_block_e=16), 8, 2048, 1536)[0].bwd_block_e == 16
+    assert _tiling(PallasScanConfig(), 8, 2048, 3)[0].bwd_block_e == 4  # clamped to the channels
 
 
 @pytest.mark.parametrize("batch,length", [(1, 70), (2, 67)])
