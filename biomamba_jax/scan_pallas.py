@@ -82,12 +82,6 @@ class PallasScanConfig(NamedTuple):
     # XLA applies from the forward's saved pre-gate output); "off" (XLA does everything
     # around the plain scan adjoint).
     bwd_fuse: str = "nogate"
-    # What the backward kernel loads of the next chunk while it computes this one: "all"
-    # (like the forward), "channels" (u, delta, dy; the B and C rows that all channel
-    # blocks share are loaded when used) or "off". Prefetching holds a second chunk of
-    # rows in registers: Nsight Compute showed the backward at 255 registers per thread,
-    # which caps it at 8 one-warp programs per SM.
-    bwd_prefetch: str = "all"
     interpret: Optional[bool] = None  # None: interpret unless the backend is GPU
 
     @classmethod
@@ -98,8 +92,6 @@ class PallasScanConfig(NamedTuple):
         config = cls(**options)
         if config.bwd_fuse not in ("all", "nogate", "off"):
             raise ValueError(f"pallas scan option bwd_fuse={config.bwd_fuse!r}; choose all, nogate or off")
-        if config.bwd_prefetch not in ("all", "channels", "off"):
-            raise ValueError(f"pallas scan option bwd_prefetch={config.bwd_prefetch!r}; choose all, channels or off")
         return config
 
 
@@ -120,7 +112,6 @@ class _Plan(NamedTuple):
     chunks_per_segment: int
     fusion: _Fusion  # forward kernel
     bwd_fusion: _Fusion  # backward kernel: a subset of `fusion`
-    bwd_prefetch: str = "all"  # backward: what of the next chunk to load during this one
 
     @property
     def saves_pre_gate(self) -> bool:
@@ -159,30 +150,22 @@ class _Refs:
         return next(self._it) if present else None
 
 
-def _load_rows(refs, b, t0, channels, chunk, fusion, with_dy, per_channel=True, shared=True):
-    """Per-step inputs of one chunk as fp32 vectors: a tuple of tuples, one per step.
-
-    `per_channel` loads this program's channels of u, delta, z, dy; `shared` the B and C
-    rows that every channel block reads. What is not loaded is None (see `_merge_rows`)."""
+def _load_rows(refs, b, t0, channels, chunk, fusion, with_dy):
+    """Per-step inputs of one chunk as fp32 vectors: a tuple of tuples, one per step."""
     u_ref, delta_ref, B_ref, C_ref, z_ref, dy_ref = refs
     rows = []
     for i in range(chunk):
         t = t0 + i
-        channel = lambda ref, on=True: ref[b, t, channels].astype(f32) if per_channel and on else None
         row = (
-            channel(u_ref),
-            channel(delta_ref),
-            B_ref[b, t, :].astype(f32) if shared else None,
-            C_ref[b, t, :].astype(f32) if shared else None,
-            channel(z_ref, fusion.gate),
-            channel(dy_ref, with_dy),
+            u_ref[b, t, channels].astype(f32),
+            delta_ref[b, t, channels].astype(f32),
+            B_ref[b, t, :].astype(f32),
+            C_ref[b, t, :].astype(f32),
+            z_ref[b, t, channels].astype(f32) if fusion.gate else None,
+            dy_ref[b, t, channels].astype(f32) if with_dy else None,
         )
         rows.append(row)
     return tuple(rows)
-
-
-def _merge_rows(rows, other):
-    return tuple(tuple(x if x is not None else y for x, y in zip(r, o)) for r, o in zip(rows, other))
 
 
 # ---------------------------------------------------------------------------- forward
@@ -248,23 +231,17 @@ def _backward_kernel(*refs, plan, block_e):
     last = first + plan.chunks_per_segment - 1
     data = (u_ref, delta_ref, B_ref, C_ref, z_ref, dy_ref)
 
-    def load(c, shared=True):
-        rows = _load_rows(data, b, c * chunk, channels, chunk, fusion, with_dy=True, shared=shared)
+    def load(c):
+        rows = _load_rows(data, b, c * chunk, channels, chunk, fusion, with_dy=True)
         return states_ref[b, c, channels, :], rows
 
     def one_chunk(k, carry):
-        g, dA, dD, dbias, loaded = carry  # g: adjoint of the state after the chunk
+        g, dA, dD, dbias, (h_start, rows) = carry  # g: adjoint of the state after the chunk
         c = last - k
-        before = jnp.maximum(c - 1, first)
-        # Prefetching holds the next chunk's rows in registers through this one's work.
-        if plan.bwd_prefetch == "all":
-            (h_start, rows), upcoming = loaded, load(before)
-        elif plan.bwd_prefetch == "channels":  # B and C rows (shared, likely cached) in place
-            (h_start, rows), upcoming = loaded, load(before, shared=False)
-            rows = _merge_rows(rows, _load_rows(data, b, c * chunk, channels, chunk, fusion, True,
-                                                per_channel=False))
-        else:
-            (h_start, rows), upcoming = load(c), ()
+        # Issued now, used next iteration. This holds a second chunk of rows in registers
+        # (255 per thread on H100), yet loading the B and C rows or everything in place
+        # measured slower (benchmarks/NOTES.md, section 8).
+        upcoming = load(jnp.maximum(c - 1, first))
         # Recompute the chunk: states[i] is the state before step i, decays[i] its decay.
         deltas = [_delta(row[1], bias, fusion) for row in rows]
         decays = [jnp.exp(d[:, None] * A) for d in deltas]
@@ -304,8 +281,7 @@ def _backward_kernel(*refs, plan, block_e):
 
     g_end = g_end_ref[b, segment, channels, :]
     zeros_e = jnp.zeros((block_e,), f32)
-    first_load = {"all": lambda: load(last), "channels": lambda: load(last, shared=False), "off": tuple}
-    init = (g_end, jnp.zeros_like(g_end), zeros_e, zeros_e, first_load[plan.bwd_prefetch]())
+    init = (g_end, jnp.zeros_like(g_end), zeros_e, zeros_e, load(last))
     g, dA, dD, dbias, _ = jax.lax.fori_loop(0, plan.chunks_per_segment, one_chunk, init)
     dh_start_ref[b, segment, channels, :] = g
     dA_ref[b, segment, channels, :] = dA
@@ -537,8 +513,7 @@ def _run(u, delta, A, B, C, h0, bias, D, z, fusion, options):
     padded_e = -(-channels // widest) * widest
     padded_l = -(-length // (segments * cfg.chunk)) * (segments * cfg.chunk)
     bwd_fusion = {"all": fusion, "nogate": fusion._replace(gate=False), "off": _Fusion()}[cfg.bwd_fuse]
-    plan = _Plan(cfg.chunk, segments, padded_l // (segments * cfg.chunk), fusion, bwd_fusion,
-                 cfg.bwd_prefetch)
+    plan = _Plan(cfg.chunk, segments, padded_l // (segments * cfg.chunk), fusion, bwd_fusion)
     padded_n = _next_pow2(d_state)
     de, dn, dl = padded_e - channels, padded_n - d_state, padded_l - length
 

@@ -84,8 +84,6 @@ def test_chunked_rejects_unknown_inner():
         ((2, 8, 5, 3), dict(chunk=8, block_e=4)),  # odd channels, N not a power of 2
         ((1, 3, 2, 2), dict(chunk=16, block_e=32)),  # chunk and block larger than L, E
         ((1, 9, 12, 4), dict(chunk=2, block_e=8, bwd_block_e=4)),  # backward tiled differently
-        ((2, 21, 8, 4), dict(chunk=4, block_e=8, bwd_prefetch="off")),  # backward loads in place
-        ((1, 19, 8, 4), dict(chunk=4, block_e=8, bwd_prefetch="channels")),  # B, C rows in place
     ],
 )
 def test_pallas_interpret_values_and_grads(shape, options):
@@ -170,12 +168,8 @@ def test_impl_string_options_and_errors():
     with pytest.raises(ValueError, match="bwd_fuse='some'; choose all, nogate or off"):
         PallasScanConfig.from_options(bwd_fuse="some")
     # Every value of a string option must survive the impl string ("none" would become None).
-    for value in ("all", "channels", "off"):
-        assert PallasScanConfig.from_options(**parse_scan_impl(f"pallas:bwd_prefetch={value}")[1]).bwd_prefetch == value
     for value in ("all", "nogate", "off"):
         assert PallasScanConfig.from_options(**parse_scan_impl(f"pallas:bwd_fuse={value}")[1]).bwd_fuse == value
-    with pytest.raises(ValueError, match="bwd_prefetch=None; choose all, channels or off"):
-        PallasScanConfig.from_options(**parse_scan_impl("pallas:bwd_prefetch=none")[1])
 
 
 def test_pallas_picks_interpret_off_gpu():
