@@ -15,11 +15,12 @@ import gzip
 import json
 import os
 import tempfile
-from typing import Callable
+import time
+from typing import Any, Callable, Optional
 
 import jax
 
-__all__ = ["profile_ops", "summarize_trace", "op_category"]
+__all__ = ["profile_ops", "summarize_trace", "op_category", "StepProfiler"]
 
 
 def op_category(name: str) -> str:
@@ -39,7 +40,9 @@ def summarize_trace(trace_file: str, calls: int, top: int = 25) -> dict:
     calls: ops sorted by time, with ms per call and share, plus totals per category.
 
     Device processes ("/device:GPU:0", ...) are used when the trace has them; a CPU-only
-    trace falls back to the host's XLA op events (those that carry an `hlo_op`)."""
+    trace falls back to the host's XLA op events (those that carry an `hlo_op`). Those
+    nest (a while loop and the ops of its body), so CPU totals overcount; GPU kernels on
+    a stream do not overlap."""
     opener = gzip.open if trace_file.endswith(".gz") else open
     with opener(trace_file, "rt") as f:
         data = json.load(f)
@@ -79,12 +82,56 @@ def summarize_trace(trace_file: str, calls: int, top: int = 25) -> dict:
         by_category[op_category(name)] += durations[name]
     per_call = lambda us: round(us / 1e3 / calls, 3)
     return dict(
+        # Only device streams give a time that the wall clock bounds (see above).
+        source="device streams" if stream_lines or device_pids else "host XLA ops",
         device_ms_per_call=per_call(total_us),
         categories={k: per_call(v) for k, v in sorted(by_category.items(), key=lambda kv: -kv[1])},
         ops=[dict(name=name[:160], category=op_category(name), ms_per_call=per_call(durations[name]),
                   launches_per_call=round(counts[name] / calls, 2), share=round(durations[name] / total_us, 4))
              for name in ops[:top]],
     )
+
+
+def _latest_trace(log_dir: str) -> str:
+    traces = sorted(glob.glob(os.path.join(log_dir, "**", "perfetto_trace.json*"), recursive=True),
+                    key=os.path.getmtime)
+    if not traces:
+        raise RuntimeError(f"jax.profiler wrote no Perfetto trace under {log_dir}")
+    return traces[-1]
+
+
+class StepProfiler:
+    """Traces `steps` consecutive steps of a training loop, host work included, and
+    summarises them: device time per step by op, and the wall time per step, so that
+    `device_busy` (their ratio) shows what the loop around the step costs (logging,
+    loading the next batch, dispatch).
+
+    Call `before(step, state)` with the number of the step about to run and
+    `after(step, state)` once it is dispatched; `after` returns the summary when the
+    window closes, else None."""
+
+    def __init__(self, log_dir: str, first_step: int, steps: int, top: int = 25):
+        self.log_dir, self.first, self.last, self.top = log_dir, first_step, first_step + steps - 1, top
+        self._started: Optional[float] = None
+
+    def before(self, step: int, state: Any) -> None:
+        if step == self.first:
+            jax.block_until_ready(state)  # earlier steps stay out of the window
+            jax.profiler.start_trace(self.log_dir, create_perfetto_trace=True)
+            self._started = time.perf_counter()
+
+    def after(self, step: int, state: Any) -> Optional[dict]:
+        if step != self.last or self._started is None:
+            return None
+        jax.block_until_ready(state)
+        wall = time.perf_counter() - self._started
+        jax.profiler.stop_trace()
+        steps = self.last - self.first + 1
+        summary = summarize_trace(_latest_trace(self.log_dir), steps, self.top)
+        busy = summary["device_ms_per_call"] * steps / (wall * 1e3)
+        summary.update(first_step=self.first, steps=steps, wall_ms_per_step=round(wall * 1e3 / steps, 3),
+                       device_busy=round(busy, 4) if summary["source"] == "device streams" else None)
+        return summary
 
 
 def profile_ops(fn: Callable, *args, calls: int = 3, top: int = 25, log_dir: str | None = None) -> dict:
@@ -95,10 +142,7 @@ def profile_ops(fn: Callable, *args, calls: int = 3, top: int = 25, log_dir: str
     with jax.profiler.trace(log_dir, create_perfetto_trace=True):
         for _ in range(calls):
             jax.block_until_ready(fn(*args))
-    traces = sorted(glob.glob(os.path.join(log_dir, "**", "perfetto_trace.json*"), recursive=True),
-                    key=os.path.getmtime)
-    if not traces:
-        raise RuntimeError(f"jax.profiler wrote no Perfetto trace under {log_dir}")
-    summary = summarize_trace(traces[-1], calls, top)
-    summary["trace"] = traces[-1]
+    trace = _latest_trace(log_dir)
+    summary = summarize_trace(trace, calls, top)
+    summary["trace"] = trace
     return summary

@@ -81,6 +81,9 @@ class RunSection:
     keep_checkpoints: int = 3
     max_consecutive_nonfinite: int = 5
     export_hf: bool = True  # write a transformers-loadable copy of the final weights
+    # Trace this many steps, from this run's third, with the JAX profiler: device time per
+    # op and how busy the device was (profile.json, and the trace under profile/). 0: off.
+    profile_steps: int = 0
 
 
 @dataclasses.dataclass
@@ -168,6 +171,8 @@ def _check(config: RunConfig) -> None:
                          ("batch", "micro_batch_per_device"), ("run", "eval_batches")):
         if getattr(getattr(config, section), key) <= 0:
             raise RunConfigError(f"{section}.{key} must be positive")
+    if config.run.profile_steps < 0:
+        raise RunConfigError(f"run.profile_steps={config.run.profile_steps}; use 0 (off) or the number of steps to trace")
     length_key = "finetune.max_tokens" if config.finetune.train_files else "data.seq_len"
     if config.batch.global_batch_tokens % row_length(config):
         raise RunConfigError(

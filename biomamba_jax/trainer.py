@@ -444,11 +444,22 @@ class Trainer:
 
         bar = tqdm(total=total_steps, initial=start, disable=not self.is_main, dynamic_ncols=True, unit="step")
         window_start, window_tokens = time.perf_counter(), 0
+        profiler = None
+        if c.run.profile_steps > 0 and self.is_main:
+            from .profiling import StepProfiler
+
+            # From the third step: the first compiles, the second may still warm up.
+            profiler = StepProfiler(str(self.out_dir / "profile"), start + 3, c.run.profile_steps)
         step = start
         try:
             while step < total_steps:
+                if profiler:
+                    profiler.before(step + 1, state)
                 state, metrics = train_step(state, self.layout.place_batch(next(train_iter)))
                 step += 1
+                if profiler and (profile := profiler.after(step, state)) is not None:
+                    with bar.external_write_mode():  # log lines above the progress bar
+                        self._report_profile(profile)
                 window_tokens += self.plan.tokens_per_step
                 # Kept on device until the next log line, so steps are not synchronised.
                 pending_skips.append(metrics["skipped"])
@@ -525,6 +536,20 @@ class Trainer:
                         if self.task.patience and meta.get("best_step") is not None else "")
                      + f", skipped {summary['skipped_steps']}; outputs in {self.out_dir} ==")
         return summary
+
+    def _report_profile(self, profile: dict) -> None:
+        """Write profile.json (via a temporary name) and log where the steps' time went."""
+        path = self.out_dir / "profile.json"
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(profile, indent=2))
+        tmp.replace(path)
+        busy = profile["device_busy"]
+        busy = f"device busy {busy:.1%}" if busy is not None else "no device trace (CPU: op times overlap)"
+        self.log(f"profile of steps {profile['first_step']}-{profile['first_step'] + profile['steps'] - 1}: "
+                 f"{profile['wall_ms_per_step']} ms per step, {busy}; "
+                 + ", ".join(f"{k} {v} ms" for k, v in profile["categories"].items()) + f" ({path})")
+        for op in profile["ops"][:10]:
+            self.log(f"  {op['ms_per_call']:9.3f} ms  {op['category']:12s} {op['name'][:90]}")
 
     def _track_best(self, step: int, val_loss: float, meta: dict, stop: _StopRequest) -> None:
         """Remember the best validation loss; ask for a stop when patience has run out."""

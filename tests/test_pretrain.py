@@ -203,3 +203,16 @@ def test_metrics_log_drops_a_torn_last_line(tmp_path):
     log.close()
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert records == [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5}]
+
+
+def test_profiled_steps_report_device_time_and_busy_fraction(data_dir, tmp_path):
+    """run.profile_steps traces steps 3.. with the JAX profiler and writes profile.json."""
+    logged = []
+    pretrain(run_config(data_dir, tmp_path / "p", "run.steps=6", "run.profile_steps=2"), log=logged.append)
+    profile = json.loads((tmp_path / "p" / "profile.json").read_text())
+    assert profile["first_step"] == 3 and profile["steps"] == 2 and profile["ops"]
+    assert profile["device_ms_per_call"] > 0 and profile["wall_ms_per_step"] > 0
+    assert profile["source"] == "host XLA ops" and profile["device_busy"] is None  # CPU: op times overlap
+    assert any(line.startswith("profile of steps 3-4:") for line in logged)
+    with pytest.raises(RunConfigError, match="run.profile_steps=-1"):
+        run_config(data_dir, tmp_path / "q", "run.profile_steps=-1")

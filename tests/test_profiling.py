@@ -1,6 +1,7 @@
 """The per-kernel profile summary that `scripts/benchmark.py --profile` prints."""
 import gzip
 import json
+import time
 
 import jax
 import jax.numpy as jnp
@@ -32,6 +33,7 @@ def test_summary_counts_stream_kernels_once_per_call(tmp_path):
     _gpu_like_trace(path)
     summary = summarize_trace(path, calls=2, top=2)
     assert summary["device_ms_per_call"] == pytest.approx(4.5)  # 9 ms of kernels over 2 calls
+    assert summary["source"] == "device streams"
     assert summary["categories"] == {"scan kernel": 3.525, "matmul": 0.75, "other XLA": 0.225}
     assert [op["name"] for op in summary["ops"]] == ["backward_kernel", "nvjet_tst_128x256_64x4_1x2_h_bz_coopA_TNT"]
     assert summary["ops"][0]["launches_per_call"] == 1.0 and summary["ops"][0]["share"] == pytest.approx(6 / 9, abs=1e-4)
@@ -56,3 +58,26 @@ def test_categories():
     assert op_category("adjoint_kernel") == "scan kernel"
     assert op_category("sm90_xmma_gemm_bf16bf16_bf16f32") == "matmul"
     assert op_category("input_reduce_fusion_12") == "other XLA"
+
+
+def test_step_profiler_window_and_busy_fraction(monkeypatch, tmp_path):
+    """The window opens before step `first` and closes after step `first + steps - 1`;
+    device_busy is device time over wall time, given for device traces only."""
+    import biomamba_jax.profiling as profiling
+
+    calls = []
+    monkeypatch.setattr(jax.profiler, "start_trace", lambda *a, **k: calls.append("start"))
+    monkeypatch.setattr(jax.profiler, "stop_trace", lambda: calls.append("stop"))
+    monkeypatch.setattr(profiling, "_latest_trace", lambda log_dir: "trace")
+    monkeypatch.setattr(profiling, "summarize_trace", lambda trace, steps, top: dict(
+        source="device streams", device_ms_per_call=1.0, categories={}, ops=[]))
+    profiler = profiling.StepProfiler(str(tmp_path), first_step=3, steps=2)
+    state = jnp.zeros(())
+    for step in range(1, 7):
+        profiler.before(step, state)
+        time.sleep(0.01)  # a step's worth of wall time
+        summary = profiler.after(step, state)
+        assert (summary is not None) == (step == 4)
+        if summary:
+            assert calls == ["start", "stop"] and summary["first_step"] == 3 and summary["steps"] == 2
+            assert summary["device_busy"] == pytest.approx(1.0 / summary["wall_ms_per_step"], rel=1e-2)
