@@ -125,13 +125,19 @@ class StepProfiler:
             return None
         jax.block_until_ready(state)
         wall = time.perf_counter() - self._started
-        jax.profiler.stop_trace()
+        self.close()
         steps = self.last - self.first + 1
         summary = summarize_trace(_latest_trace(self.log_dir), steps, self.top)
         busy = summary["device_ms_per_call"] * steps / (wall * 1e3)
         summary.update(first_step=self.first, steps=steps, wall_ms_per_step=round(wall * 1e3 / steps, 3),
                        device_busy=round(busy, 4) if summary["source"] == "device streams" else None)
         return summary
+
+    def close(self) -> None:
+        """Stop a trace still running (a run that ended or failed inside the window)."""
+        if self._started is not None:
+            self._started = None
+            jax.profiler.stop_trace()
 
 
 def profile_ops(fn: Callable, *args, calls: int = 3, top: int = 25, log_dir: str | None = None) -> dict:

@@ -513,6 +513,8 @@ class Trainer:
             checkpointer.close()
             raise
         finally:
+            if profiler:
+                profiler.close()
             bar.close()
             metrics_log.close()
             stop.restore()

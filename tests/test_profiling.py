@@ -81,3 +81,11 @@ def test_step_profiler_window_and_busy_fraction(monkeypatch, tmp_path):
         if summary:
             assert calls == ["start", "stop"] and summary["first_step"] == 3 and summary["steps"] == 2
             assert summary["device_busy"] == pytest.approx(1.0 / summary["wall_ms_per_step"], rel=1e-2)
+    profiler.close()
+    assert calls == ["start", "stop"]  # nothing left to stop
+
+    # A run that ends inside the window: close() stops the trace it started.
+    cut_short = profiling.StepProfiler(str(tmp_path), first_step=2, steps=5)
+    cut_short.before(2, state)
+    cut_short.close()
+    assert calls == ["start", "stop", "start", "stop"]
