@@ -54,6 +54,11 @@ class MambaCache(NamedTuple):
         return MambaCache(*(jnp.stack(field) if isinstance(field, (tuple, list)) else field for field in self))
 
 
+def _unstack(layer_state, n_layer: int) -> tuple:
+    """The stacked (Y, ...) layer state as one state per layer."""
+    return tuple(jax.tree.map(lambda x: x[index], layer_state) for index in range(n_layer))
+
+
 _REMAT_POLICIES = {
     "full": None,  # save nothing inside a layer, recompute it in the backward pass
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
@@ -243,9 +248,8 @@ class MambaLM(nnx.Module):
         Computed once before the loop and passed to every `step`, neither happens."""
         c = self.config
         _, layer_state = nnx.split(self.layers)
-        layers = tuple(jax.tree.map(lambda x: x[index], layer_state) for index in range(c.n_layer))
         head = self.embedding.embedding[...].astype(jnp.dtype(c.dtype)) if c.tie_embeddings else None
-        return DecodeWeights(layers, head)
+        return DecodeWeights(_unstack(layer_state, c.n_layer), head)
 
     def _run_layers(self, hidden, mask, return_cache):
         graphdef, layer_state = nnx.split(self.layers)
@@ -264,8 +268,8 @@ class MambaLM(nnx.Module):
         # that layer's own buffers, where a scan stacks it, and the stacking copies it once
         # on the way in and once on the way out (benchmarks/NOTES.md, section 8).
         caches = []
-        for index in range(self.config.n_layer):
-            hidden, cache = one_layer(hidden, jax.tree.map(lambda x: x[index], layer_state))
+        for state in _unstack(layer_state, self.config.n_layer):
+            hidden, cache = one_layer(hidden, state)
             caches.append(cache)
         return hidden, (jax.tree.map(lambda *xs: jnp.stack(xs), *caches) if return_cache else None)
 
@@ -310,10 +314,9 @@ class MambaLM(nnx.Module):
                 one_layer, hidden, (layer_state, *cache.stacked()))
             new_cache = MambaCache(conv_state, ssm_state)
             return self._logits(hidden, head), (new_cache.per_layer() if per_layer else new_cache)
+        layers = _unstack(layer_state, self.config.n_layer) if weights is None else weights.layers
         new_states = []
-        for index in range(self.config.n_layer):
-            state = (jax.tree.map(lambda x: x[index], layer_state) if weights is None
-                     else weights.layers[index])
+        for index, state in enumerate(layers):
             hidden, states = one_layer(hidden, (state, cache.conv_state[index], cache.ssm_state[index]))
             new_states.append(states)
         new_cache = MambaCache(*(tuple(field) for field in zip(*new_states)))

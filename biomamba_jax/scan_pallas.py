@@ -150,6 +150,23 @@ class _Refs:
         return next(self._it) if present else None
 
 
+class _Program(NamedTuple):
+    """Where one kernel program works: batch row, channel block, segment, chunk range."""
+
+    b: jax.Array
+    block: jax.Array
+    segment: jax.Array
+    channels: pl.Slice  # this program's channels
+    first: jax.Array  # first and last chunk of its segment
+    last: jax.Array
+
+
+def _program(plan, block_e) -> _Program:
+    b, block, segment = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    first = segment * plan.chunks_per_segment
+    return _Program(b, block, segment, pl.ds(block * block_e, block_e), first, first + plan.chunks_per_segment - 1)
+
+
 def _load_rows(refs, b, t0, channels, chunk, fusion, with_dy):
     """Per-step inputs of one chunk as fp32 vectors: a tuple of tuples, one per step."""
     u_ref, delta_ref, B_ref, C_ref, z_ref, dy_ref = refs
@@ -178,13 +195,10 @@ def _forward_kernel(*refs, plan, block_e, write_y, save_states):
     y_ref, h_end_ref, states_ref = r.take(write_y), r.take(), r.take(save_states)
     pre_gate_ref = r.take(save_pre_gate)
 
-    b, segment = pl.program_id(0), pl.program_id(2)
-    channels = pl.ds(pl.program_id(1) * block_e, block_e)
+    b, _, segment, channels, first, last = _program(plan, block_e)
     A = A_ref[channels, :]  # (E_blk, N)
     bias = bias_ref[channels] if fusion.bias else None
     D = D_ref[channels] if fusion.skip else None
-    first = segment * plan.chunks_per_segment
-    last = first + plan.chunks_per_segment - 1
     data = (u_ref, delta_ref, B_ref, C_ref, z_ref, None)
     load = lambda c: _load_rows(data, b, c * chunk, channels, chunk, fusion, with_dy=False)
 
@@ -222,13 +236,10 @@ def _backward_kernel(*refs, plan, block_e):
     du_ref, ddelta_ref, dA_ref, dB_ref, dC_ref, dh_start_ref = (r.take() for _ in range(6))
     dD_ref, dbias_ref, dz_ref = r.take(fusion.skip), r.take(fusion.bias), r.take(fusion.gate)
 
-    b, block, segment = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    channels = pl.ds(block * block_e, block_e)
+    b, block, segment, channels, first, last = _program(plan, block_e)
     A = A_ref[channels, :]
     bias = bias_ref[channels] if fusion.bias else None
     D = D_ref[channels] if fusion.skip else None
-    first = segment * plan.chunks_per_segment
-    last = first + plan.chunks_per_segment - 1
     data = (u_ref, delta_ref, B_ref, C_ref, z_ref, dy_ref)
 
     def load(c):
@@ -300,12 +311,9 @@ def _adjoint_kernel(*refs, plan, block_e):
     bias_ref, z_ref = r.take(fusion.bias), r.take(fusion.gate)
     g_start_ref = r.take()
 
-    b, segment = pl.program_id(0), pl.program_id(2)
-    channels = pl.ds(pl.program_id(1) * block_e, block_e)
+    b, _, segment, channels, first, last = _program(plan, block_e)
     A = A_ref[channels, :]
     bias = bias_ref[channels] if fusion.bias else None
-    first = segment * plan.chunks_per_segment
-    last = first + plan.chunks_per_segment - 1
     data = (u_ref, delta_ref, B_ref, C_ref, z_ref, dy_ref)
     load = lambda c: _load_rows(data, b, c * chunk, channels, chunk, fusion, with_dy=True)
 

@@ -16,6 +16,7 @@ import argparse
 import datetime
 import functools
 import json
+import os
 import statistics
 import sys
 import time
@@ -284,8 +285,6 @@ def bench_train(impl, batch, length, args, results):
     try:
         compiled, exe, compile_s = compile_once(train_step, params, opt_state, ids)
         if args.dump_hlo:  # the optimised program, to map profile op names to what they compute
-            import os
-
             os.makedirs(args.dump_hlo, exist_ok=True)
             name = f"train-{impl.replace(':', '_')}-b{batch}-l{length}-remat_{args.remat}-scan_layers_{args.scan_layers}.hlo.txt"
             with open(os.path.join(args.dump_hlo, name), "w") as f:
