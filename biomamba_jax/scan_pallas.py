@@ -67,13 +67,31 @@ class PallasScanConfig(NamedTuple):
     # 118,642 for 4). bwd_num_warps None: as the forward.
     bwd_block_e: Optional[int] = None
     bwd_num_warps: Optional[int] = 1
-    # A grid of fewer programs than this splits the sequence into segments, until it has
-    # this many and no segment is longer than `max_segment_length` steps (measured on H100:
-    # at B=1, L=16k, 16 segments of 1k steps beat 8 of 2k by 8%; at B=8, L=2k, the full
-    # 768-program grid without segments beats 2 segments by 8%).
-    min_programs: int = 768
+    # A forward grid of fewer programs than `min_programs` splits the sequence into
+    # segments, until it has `target_programs` and no segment is longer than
+    # `max_segment_length` steps. Measured on H100 (one layer's scan fwd+bwd): at B=1,
+    # L=16k, 16 segments of 1k steps beat 8 of 2k by 9%; at B=4, L=4k (384 programs), no
+    # segments beat 4 by 13%; at B=8, L=2k, no segments beat 2 by 8%.
+    min_programs: int = 384
+    target_programs: int = 768
     max_segment_length: int = 1024
     min_segment_length: int = 512  # steps; shorter segments cost more in the second pass
+    # Force the number of segments (a power of two) of the forward and of the backward; None
+    # picks by the rule above. The two are independent: the forward saves the state at every
+    # chunk start, so the backward may split the sequence differently or not at all.
+    segments: Optional[int] = None
+    bwd_segments: Optional[int] = None
+    # How a segmented scan gets each segment's own end state (forward) and start adjoint
+    # (backward) from zero: "sum" writes each as a sum over the segment's steps,
+    # h_end = sum_t exp(A * delta summed over the steps after t) * delta_t u_t B_t, taken in
+    # tiles of `sum_tile` steps with no step-to-step dependency; "scan" runs the recurrence
+    # step by step, as the main kernels do. Measured on H100 (benchmarks/NOTES.md, section
+    # 9): "sum" with 32-step tiles against "scan", prefill B=1 L=8k 437k vs 410k tok/s; one
+    # layer's scan fwd+bwd at B=2 L=8k 3.29 vs 3.59 ms (16-step tiles), B=1 L=16k 3.30 vs
+    # 3.35 ms.
+    segment_pass: str = "sum"
+    sum_tile: int = 32
+    sum_num_warps: int = 4
     # selective_scan's bias, softplus, D and gate inside the kernels, with bf16 I/O. Off by
     # default: on one H100 the fused kernels measured slower than XLA doing that work
     # around the plain kernels (training step 99k vs 108k tok/s; benchmarks/NOTES.md).
@@ -92,6 +110,12 @@ class PallasScanConfig(NamedTuple):
         config = cls(**options)
         if config.bwd_fuse not in ("all", "nogate", "off"):
             raise ValueError(f"pallas scan option bwd_fuse={config.bwd_fuse!r}; choose all, nogate or off")
+        if config.segment_pass not in ("sum", "scan"):
+            raise ValueError(f"pallas scan option segment_pass={config.segment_pass!r}; choose sum or scan")
+        for name in ("segments", "bwd_segments", "sum_tile"):
+            value = getattr(config, name)
+            if value is not None and (value < 1 or value & (value - 1)):
+                raise ValueError(f"pallas scan option {name}={value}: give a power of two (1, 2, 4, ...)")
         return config
 
 
@@ -108,15 +132,24 @@ class _Plan(NamedTuple):
     """Static sizes of one call, after padding."""
 
     chunk: int
-    segments: int
-    chunks_per_segment: int
+    chunks: int  # padded length / chunk
+    segments: int  # what the kernels of this plan split the sequence into
+    bwd_segments: int  # ... and what the backward's kernels split it into
     fusion: _Fusion  # forward kernel
     bwd_fusion: _Fusion  # backward kernel: a subset of `fusion`
+
+    @property
+    def chunks_per_segment(self) -> int:
+        return self.chunks // self.segments
 
     @property
     def saves_pre_gate(self) -> bool:
         """The forward saves y before the gate when the backward leaves the gate to XLA."""
         return self.fusion.gate and not self.bwd_fusion.gate
+
+    def backward(self) -> "_Plan":
+        """The plan the backward's kernels run under: its own segments."""
+        return self._replace(segments=self.bwd_segments)
 
 
 def _next_pow2(n: int) -> int:
@@ -332,6 +365,82 @@ def _adjoint_kernel(*refs, plan, block_e):
     g_start_ref[b, segment, channels, :] = g
 
 
+def _sum_tile(plan, cfg) -> int:
+    """Steps per tile of the sum kernels: the largest power of two up to `sum_tile` that
+    divides a segment (Triton tensors have power-of-two sides)."""
+    steps = plan.chunks_per_segment * plan.chunk
+    tile = 1
+    while tile * 2 <= cfg.sum_tile and steps % (tile * 2) == 0:
+        tile *= 2
+    return tile
+
+
+def _segment_end_kernel(*refs, plan, block_e, tile):
+    """Pass 1 of a segmented forward as a sum: the state a segment reaches from zero,
+    h_end = sum_t exp(A * later_t) * (delta_t u_t) B_t, later_t = sum of delta over the
+    segment's steps after t. Tiles run from the segment's end so later_t is a running sum
+    plus a within-tile cumsum; exp(A * later_t) <= 1 (A < 0), so nothing overflows."""
+    fusion = plan.fusion
+    r = _Refs(refs)
+    u_ref, delta_ref, A_ref, B_ref = (r.take() for _ in range(4))
+    bias_ref = r.take(fusion.bias)
+    h_end_ref = r.take()
+
+    b, _, segment, channels, first, _ = _program(plan, block_e)
+    A = A_ref[channels, :]
+    bias = bias_ref[channels] if fusion.bias else None
+    tiles = plan.chunks_per_segment * plan.chunk // tile
+
+    def one_tile(k, carry):
+        h, after = carry  # after: delta summed over the segment's steps after this tile
+        steps = pl.ds((first * plan.chunk) + (tiles - 1 - k) * tile, tile)
+        delta = _delta(delta_ref[b, steps, channels].astype(f32), bias, fusion)  # (T, E_blk)
+        drive = delta * u_ref[b, steps, channels].astype(f32)
+        Bt = B_ref[b, steps, :].astype(f32)  # (T, N)
+        total = jnp.sum(delta, axis=0)
+        later = after[None, :] + (total[None, :] - jnp.cumsum(delta, axis=0))
+        terms = jnp.exp(later[:, :, None] * A[None]) * drive[:, :, None] * Bt[:, None, :]
+        return h + jnp.sum(terms, axis=0), after + total
+
+    zeros = jnp.zeros((block_e, A.shape[-1]), f32), jnp.zeros((block_e,), f32)
+    h, _ = jax.lax.fori_loop(0, tiles, one_tile, zeros)
+    h_end_ref[b, segment, channels, :] = h
+
+
+def _segment_start_adjoint_kernel(*refs, plan, block_e, tile):
+    """Pass 1 of a segmented backward as a sum: the adjoint a segment carries to its start
+    from zero at its end, g_start = sum_t exp(A * upto_t) * dy_t C_t, upto_t = sum of
+    delta over the segment's steps up to and including t (the adjoint kernel's recurrence
+    g <- exp(delta A) (g + dy C), unrolled)."""
+    fusion = plan.bwd_fusion
+    r = _Refs(refs)
+    delta_ref, A_ref, C_ref, dy_ref = (r.take() for _ in range(4))
+    bias_ref, z_ref = r.take(fusion.bias), r.take(fusion.gate)
+    g_start_ref = r.take()
+
+    b, _, segment, channels, first, _ = _program(plan, block_e)
+    A = A_ref[channels, :]
+    bias = bias_ref[channels] if fusion.bias else None
+    tiles = plan.chunks_per_segment * plan.chunk // tile
+
+    def one_tile(k, carry):
+        g, before = carry  # before: delta summed over the segment's steps before this tile
+        steps = pl.ds(first * plan.chunk + k * tile, tile)
+        delta = _delta(delta_ref[b, steps, channels].astype(f32), bias, fusion)
+        dy = dy_ref[b, steps, channels].astype(f32)
+        if fusion.gate:
+            z = z_ref[b, steps, channels].astype(f32)
+            dy = dy * z * _sigmoid(z)
+        Ct = C_ref[b, steps, :].astype(f32)
+        upto = before[None, :] + jnp.cumsum(delta, axis=0)
+        terms = jnp.exp(upto[:, :, None] * A[None]) * dy[:, :, None] * Ct[:, None, :]
+        return g + jnp.sum(terms, axis=0), before + jnp.sum(delta, axis=0)
+
+    zeros = jnp.zeros((block_e, A.shape[-1]), f32), jnp.zeros((block_e,), f32)
+    g, _ = jax.lax.fori_loop(0, tiles, one_tile, zeros)
+    g_start_ref[b, segment, channels, :] = g
+
+
 # ---------------------------------------------------------------------------- drivers
 def _interpret(cfg: PallasScanConfig) -> bool:
     return jax.default_backend() != "gpu" if cfg.interpret is None else cfg.interpret
@@ -384,7 +493,13 @@ def _forward(cfg, plan, u, delta, A, B, C, h0, bias, D, z, save_states):
     if S == 1:
         starts = h0[:, None]
     else:
-        (local_ends,) = run(jnp.zeros((batch, S, channels, d_state), f32), False, False)
+        if cfg.segment_pass == "sum":
+            kernel = functools.partial(_segment_end_kernel, plan=plan, block_e=cfg.block_e,
+                                       tile=_sum_tile(plan, cfg))
+            bias_arg = [bias] if plan.fusion.bias else []
+            (local_ends,) = _call(kernel, [segment_state], grid, cfg, cfg.sum_num_warps, (u, delta, A, B, *bias_arg))
+        else:
+            (local_ends,) = run(jnp.zeros((batch, S, channels, d_state), f32), False, False)
         decays = _segment_decays(plan, delta, A, bias)
 
         def carry_in(h, xs):  # h: true state at the start of the segment
@@ -400,6 +515,7 @@ def _forward(cfg, plan, u, delta, A, B, C, h0, bias, D, z, save_states):
 
 def _backward(cfg, plan, residuals, dy, dfinal):
     u, delta, A, B, C, bias, D, z, (states, *pre_gate) = residuals
+    plan = plan.backward()
     batch, length, channels = u.shape
     d_state = A.shape[-1]
     S, fusion, full = plan.segments, plan.bwd_fusion, plan.fusion
@@ -426,9 +542,15 @@ def _backward(cfg, plan, residuals, dy, dfinal):
     if S == 1:
         g_ends = dfinal[:, None]
     else:
-        kernel = functools.partial(_adjoint_kernel, plan=plan, block_e=block_e)
         extras = [x for x, on in ((bias, fusion.bias), (z, fusion.gate)) if on]
-        local = _call(kernel, [segment_state], grid, cfg, warps, (u, delta, A, B, C, dy, *extras))[0]
+        if cfg.segment_pass == "sum":
+            kernel = functools.partial(_segment_start_adjoint_kernel, plan=plan, block_e=cfg.block_e,
+                                       tile=_sum_tile(plan, cfg))
+            local = _call(kernel, [segment_state], (batch, channels // cfg.block_e, S), cfg, cfg.sum_num_warps,
+                          (delta, A, C, dy, *extras))[0]
+        else:
+            kernel = functools.partial(_adjoint_kernel, plan=plan, block_e=block_e)
+            local = _call(kernel, [segment_state], grid, cfg, warps, (u, delta, A, B, C, dy, *extras))[0]
         decays = _segment_decays(plan, raw_delta, A, bias)
 
         def carry_back(g, xs):  # g: adjoint entering a segment from its right
@@ -496,32 +618,43 @@ def _scan_padded_bwd(cfg, plan, residuals, cotangents):
 _scan_padded.defvjp(_scan_padded_fwd, _scan_padded_bwd)
 
 
-def _tiling(cfg: PallasScanConfig, batch: int, length: int, channels: int):
-    """Clamp the config to the shape and pick the number of segments: (cfg, segments)."""
-    block_e = min(cfg.block_e, _next_pow2(channels))
-    chunk = max(1, min(cfg.chunk, length))
-    programs = batch * -(-channels // block_e)
+def _segment_count(cfg: PallasScanConfig, programs: int, length: int) -> int:
+    """Segments for a grid of `programs` programs: none from `min_programs` up; below,
+    double until the grid has `target_programs` and no segment is over
+    `max_segment_length` steps, keeping segments of at least `min_segment_length`."""
     segments = 1
     if programs < cfg.min_programs:
         while length >= 2 * segments * cfg.min_segment_length and (
-            programs * segments < cfg.min_programs or length > segments * cfg.max_segment_length
+            programs * segments < cfg.target_programs or length > segments * cfg.max_segment_length
         ):
             segments *= 2
-    bwd_block_e = cfg.bwd_block_e or (8 if segments > 1 else 4)
+    return segments
+
+
+def _tiling(cfg: PallasScanConfig, batch: int, length: int, channels: int):
+    """Clamp the config to the shape and pick the forward's and the backward's segment
+    counts: (cfg, segments, bwd_segments)."""
+    block_e = min(cfg.block_e, _next_pow2(channels))
+    chunk = max(1, min(cfg.chunk, length))
+    segments = cfg.segments or _segment_count(cfg, batch * -(-channels // block_e), length)
+    bwd_segments = cfg.bwd_segments or segments
+    bwd_block_e = cfg.bwd_block_e or (8 if bwd_segments > 1 else 4)
     bwd_block_e = min(bwd_block_e, _next_pow2(channels))
-    return cfg._replace(block_e=block_e, bwd_block_e=bwd_block_e, chunk=chunk), segments
+    cfg = cfg._replace(block_e=block_e, bwd_block_e=bwd_block_e, chunk=chunk)
+    return cfg, segments, bwd_segments
 
 
 def _run(u, delta, A, B, C, h0, bias, D, z, fusion, options):
     """Pad to the kernel's tiling, choose segments, run, and slice the padding off."""
     batch, length, channels = u.shape
     d_state = A.shape[-1]
-    cfg, segments = _tiling(PallasScanConfig.from_options(**options), batch, length, channels)
+    cfg, segments, bwd_segments = _tiling(PallasScanConfig.from_options(**options), batch, length, channels)
     widest = max(cfg.block_e, cfg.bwd_block_e)  # both powers of two
     padded_e = -(-channels // widest) * widest
-    padded_l = -(-length // (segments * cfg.chunk)) * (segments * cfg.chunk)
+    steps = max(segments, bwd_segments) * cfg.chunk  # both powers of two
+    padded_l = -(-length // steps) * steps
     bwd_fusion = {"all": fusion, "nogate": fusion._replace(gate=False), "off": _Fusion()}[cfg.bwd_fuse]
-    plan = _Plan(cfg.chunk, segments, padded_l // (segments * cfg.chunk), fusion, bwd_fusion)
+    plan = _Plan(cfg.chunk, padded_l // cfg.chunk, segments, bwd_segments, fusion, bwd_fusion)
     padded_n = _next_pow2(d_state)
     de, dn, dl = padded_e - channels, padded_n - d_state, padded_l - length
 

@@ -90,7 +90,7 @@ def test_pallas_interpret_values_and_grads(shape, options):
     assert_matches_reference(functools.partial(pallas_scan, **options), inputs(sum(shape), *shape))
 
 
-SEGMENTED = dict(chunk=4, block_e=8, min_programs=64, min_segment_length=8)
+SEGMENTED = dict(chunk=4, block_e=8, min_programs=64, target_programs=64, min_segment_length=8)
 
 
 def test_segment_count_fills_the_grid_and_respects_the_minimum_length():
@@ -101,6 +101,8 @@ def test_segment_count_fills_the_grid_and_respects_the_minimum_length():
     assert _tiling(PallasScanConfig(), 1, 16384, 1536)[1] == 16  # no segment over 1024 steps
     assert _tiling(PallasScanConfig(), 8, 2048, 1536)[1] == 1  # training grid is full already
     assert _tiling(PallasScanConfig(), 8, 16384, 1536)[1] == 1  # ... at any length
+    assert _tiling(PallasScanConfig(), 4, 4096, 1536)[1] == 1  # 384 programs: not split
+    assert _tiling(PallasScanConfig(), 2, 8192, 1536)[1] == 8  # 192 programs: split
     assert _tiling(PallasScanConfig(), 1, 600, 1536)[1] == 1  # too short to split
     assert _tiling(PallasScanConfig(**SEGMENTED), 1, 70, 12)[1] == 8
     # The backward's channels per program: 4 for a full grid, 8 when segmented, as set.
@@ -108,12 +110,45 @@ def test_segment_count_fills_the_grid_and_respects_the_minimum_length():
     assert _tiling(PallasScanConfig(), 1, 16384, 1536)[0].bwd_block_e == 8
     assert _tiling(PallasScanConfig(bwd_block_e=16), 8, 2048, 1536)[0].bwd_block_e == 16
     assert _tiling(PallasScanConfig(), 8, 2048, 3)[0].bwd_block_e == 4  # clamped to the channels
+    with pytest.raises(ValueError, match="bwd_segments=3: give a power of two"):
+        PallasScanConfig.from_options(bwd_segments=3)
 
 
+@pytest.mark.parametrize("segment_pass", ["sum", "scan"])
 @pytest.mark.parametrize("batch,length", [(1, 70), (2, 67)])
-def test_pallas_segmented_values_and_grads(batch, length):
-    """Segments: zero-state pass, XLA composition, second pass; the adjoint likewise."""
-    assert_matches_reference(functools.partial(pallas_scan, **SEGMENTED), inputs(length, batch, length, 12, 4))
+def test_pallas_segmented_values_and_grads(batch, length, segment_pass):
+    """Segments: zero-state pass (as a sum over steps, or step by step), XLA composition,
+    second pass; the adjoint likewise."""
+    options = dict(SEGMENTED, segment_pass=segment_pass)
+    assert_matches_reference(functools.partial(pallas_scan, **options), inputs(length, batch, length, 12, 4))
+
+
+@pytest.mark.parametrize("length,segments,tile,used", [(96, 8, 1, 1), (96, 8, 2, 2), (96, 8, 16, 4), (256, 2, 32, 32)])
+def test_segment_sums_match_the_recurrence_for_any_tile(length, segments, tile, used):
+    """The sum kernels' tiles: one step, two, one clamped to the largest power of two that
+    divides a 12-step segment, and the default 32 steps, with deltas large enough that
+    exp(A * delta summed) spans many orders of magnitude."""
+    from biomamba_jax.scan_pallas import _Fusion, _Plan, _sum_tile
+
+    x = list(inputs(11, 1, length, 12, 4))
+    x[1] = x[1] * 4.0
+    options = dict(SEGMENTED, sum_tile=tile, segments=segments, bwd_segments=segments)
+    assert_matches_reference(functools.partial(pallas_scan, **options), tuple(x))
+    chunk = SEGMENTED["chunk"]
+    plan = _Plan(chunk, -(-length // (segments * chunk)) * segments, segments, segments, _Fusion(), _Fusion())
+    assert _sum_tile(plan, PallasScanConfig(**options)) == used
+
+
+@pytest.mark.parametrize("segments,bwd_segments", [(8, 1), (1, 4), (2, 8)])
+def test_pallas_forward_and_backward_segment_independently(segments, bwd_segments):
+    """The forward saves the state at every chunk start, so the backward may split the
+    sequence differently (fewer programs per pass, no adjoint pass when it does not split)."""
+    options = dict(SEGMENTED, segments=segments, bwd_segments=bwd_segments)
+    assert_matches_reference(functools.partial(pallas_scan, **options), inputs(3, 2, 70, 12, 4))
+    from biomamba_jax.scan_pallas import _tiling
+
+    _, fwd, bwd = _tiling(PallasScanConfig(**options), 2, 70, 12)
+    assert (fwd, bwd) == (segments, bwd_segments)
 
 
 @pytest.mark.parametrize(
