@@ -443,41 +443,7 @@ class Trainer:
             checkpointer.save(step, self.layout.checkpoint_view(state), train_iter.get_state(), meta, val_loss)
 
         bar = tqdm(total=total_steps, initial=start, disable=not self.is_main, dynamic_ncols=True, unit="step")
-        window = {"time": time.perf_counter(), "step": start}  # where the tokens/s window opened
-        pending_log = None  # (step, metrics) of a log step, read once the step after it is queued
-
-        def write_log(logged_step, step_metrics):
-            nonlocal consecutive_nonfinite
-            values = self.layout.metrics(step_metrics)  # waits for that step, not the one queued after it
-            now = time.perf_counter()
-            tokens_per_s = (logged_step - window["step"]) * self.plan.tokens_per_step / (now - window["time"])
-            window.update(time=now, step=logged_step)
-            values.update(lr=float(schedule(logged_step - 1)), tokens_per_s=tokens_per_s)
-            if peak:
-                values["mfu"] = tokens_per_s * flops_per_token / (peak * jax.device_count())
-            values.pop("skipped")
-            while pending_skips and pending_skips[0][0] <= logged_step:
-                skipped = int(np.asarray(pending_skips.pop(0)[1]).reshape(-1)[0])
-                meta["skipped_steps"] = meta.get("skipped_steps", 0) + skipped
-                consecutive_nonfinite = consecutive_nonfinite + 1 if skipped else 0
-            values["skipped_steps"] = meta["skipped_steps"]
-            metrics_log.write(logged_step, values)
-            losses.append((logged_step, values["loss"]))
-            bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{values['lr']:.2e}", tok_s=f"{tokens_per_s:,.0f}",
-                            **({"mfu": f"{values['mfu']:.1%}"} if peak else {}))
-            if consecutive_nonfinite >= c.run.max_consecutive_nonfinite:
-                raise RunError(
-                    f"{consecutive_nonfinite} consecutive steps had a non-finite loss or "
-                    f"gradient (up to step {logged_step}); stopping. The last good checkpoint is intact in "
-                    f"{checkpointer.directory}: lower optim.peak_lr or check the data, then --resume"
-                )
-
-        def flush_log():
-            nonlocal pending_log
-            if pending_log is not None:
-                write_log(*pending_log)
-                pending_log = None
-
+        window_start, window_tokens = time.perf_counter(), 0
         profiler = None
         if c.run.profile_steps > 0 and self.is_main:
             from .profiling import StepProfiler
@@ -494,18 +460,37 @@ class Trainer:
                 if profiler and (profile := profiler.after(step, state)) is not None:
                     with bar.external_write_mode():  # log lines above the progress bar
                         self._report_profile(profile)
+                window_tokens += self.plan.tokens_per_step
                 # Kept on device until the next log line, so steps are not synchronised.
-                pending_skips.append((step, metrics["skipped"]))
-                # A log step's metrics are read only now that the next step is queued: reading
-                # them at once would leave the device idle while the host logs, fetches and
-                # places the next batch (a bubble at every log line).
-                flush_log()
+                pending_skips.append(metrics["skipped"])
                 if step % c.run.log_every == 0 or step == total_steps or step == start + 1:
-                    pending_log = (step, metrics)
+                    values = self.layout.metrics(metrics)
+                    elapsed = time.perf_counter() - window_start
+                    tokens_per_s = window_tokens / elapsed
+                    values.update(lr=float(schedule(step - 1)), tokens_per_s=tokens_per_s)
+                    if peak:
+                        values["mfu"] = tokens_per_s * flops_per_token / (peak * jax.device_count())
+                    values.pop("skipped")
+                    for skipped in (int(np.asarray(s).reshape(-1)[0]) for s in pending_skips):
+                        meta["skipped_steps"] = meta.get("skipped_steps", 0) + skipped
+                        consecutive_nonfinite = consecutive_nonfinite + 1 if skipped else 0
+                    pending_skips.clear()
+                    values["skipped_steps"] = meta["skipped_steps"]
+                    metrics_log.write(step, values)
+                    losses.append((step, values["loss"]))
+                    bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{values['lr']:.2e}",
+                                    tok_s=f"{tokens_per_s:,.0f}",
+                                    **({"mfu": f"{values['mfu']:.1%}"} if peak else {}))
+                    window_start, window_tokens = time.perf_counter(), 0
+                    if consecutive_nonfinite >= c.run.max_consecutive_nonfinite:
+                        raise RunError(
+                            f"{consecutive_nonfinite} consecutive steps had a non-finite loss or "
+                            f"gradient (up to step {step}); stopping. The last good checkpoint is intact in "
+                            f"{checkpointer.directory}: lower optim.peak_lr or check the data, then --resume"
+                        )
                 bar.update(1)
                 val_loss = None
                 if step % eval_every == 0 or step == total_steps:
-                    flush_log()  # the step's train line before its eval line
                     last_eval = self.evaluate(eval_step, state.params)
                     if last_eval:
                         metrics_log.write(step, last_eval)
@@ -518,14 +503,12 @@ class Trainer:
                     stop.signal_name = f"run.stop_at={c.run.stop_at}"
                 if step % c.run.checkpoint_every == 0 or step == total_steps or stop.signal_name \
                         or val_loss is not None and self.task.patience:
-                    flush_log()  # a non-finite streak stops the run before this save
                     save(step, val_loss)
                 if stop.signal_name:
                     summary["stopped_by"] = stop.signal_name
                     if not stop.signal_name.startswith("early stopping"):
                         self.log(f"\n{stop.signal_name}: saved step {step}; resume with --resume")
                     break
-            flush_log()
         except BaseException:
             checkpointer.close()
             raise

@@ -193,35 +193,6 @@ def test_consecutive_nonfinite_steps_stop_the_run_with_good_checkpoints(data_dir
     assert restored.meta["skipped_steps"] >= 1
 
 
-def test_log_steps_are_read_after_the_next_step_is_queued(data_dir, tmp_path, monkeypatch):
-    """A log line must not leave the device idle: step N's metrics are read once step N+1
-    is dispatched, except where an eval or a checkpoint needs them first (the last step)."""
-    from biomamba_jax import parallel
-
-    queued, reads = [0], []
-    for layout in (parallel.PmapLayout, parallel.ShardingLayout):
-        compile_train_step, metrics = layout.compile_train_step, layout.metrics
-
-        def counting_compile(self, *args, _compile=compile_train_step):
-            step_fn = _compile(self, *args)
-
-            def counted(*step_args):
-                queued[0] += 1
-                return step_fn(*step_args)
-            return counted
-
-        def recording_metrics(self, step_metrics, _metrics=metrics):
-            reads.append(queued[0])
-            return _metrics(self, step_metrics)
-
-        monkeypatch.setattr(layout, "compile_train_step", counting_compile)
-        monkeypatch.setattr(layout, "metrics", recording_metrics)
-    pretrain(run_config(data_dir, tmp_path / "run", "run.steps=7", "run.log_every=2"), log=lambda *_: None)
-    # Log steps 1, 2, 4, 6 and 7: each read after one more step was queued, but the last.
-    assert reads == [2, 3, 5, 7, 7]
-    assert sorted(logged_losses(tmp_path / "run")) == [1, 2, 4, 6, 7]
-
-
 def test_metrics_log_drops_a_torn_last_line(tmp_path):
     """After a kill mid-write, the resumed run's records stay one JSON object per line."""
     from biomamba_jax.trainer import MetricsLog
