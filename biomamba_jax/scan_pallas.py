@@ -67,6 +67,11 @@ class PallasScanConfig(NamedTuple):
     # 118,642 for 4). bwd_num_warps None: as the forward.
     bwd_block_e: Optional[int] = None
     bwd_num_warps: Optional[int] = 1
+    # dtype of the backward's per-channel-block partial sums of dB and dC, which XLA then
+    # sums over the blocks in fp32: "input" is B's and C's own dtype (bf16 in training, where
+    # dB and dC end in bf16 anyway), "float32" always fp32. At 4 channels per program the
+    # fp32 partials are 2 x 403 MB per layer for B=8, L=2048, written and read once.
+    bwd_partials: str = "input"
     # A forward grid of fewer programs than `min_programs` splits the sequence into
     # segments, until it has `target_programs` and no segment is longer than
     # `max_segment_length` steps. Measured on H100 (one layer's scan fwd+bwd): at B=1,
@@ -110,6 +115,8 @@ class PallasScanConfig(NamedTuple):
         config = cls(**options)
         if config.bwd_fuse not in ("all", "nogate", "off"):
             raise ValueError(f"pallas scan option bwd_fuse={config.bwd_fuse!r}; choose all, nogate or off")
+        if config.bwd_partials not in ("input", "float32"):
+            raise ValueError(f"pallas scan option bwd_partials={config.bwd_partials!r}; choose input or float32")
         if config.segment_pass not in ("sum", "scan"):
             raise ValueError(f"pallas scan option segment_pass={config.segment_pass!r}; choose sum or scan")
         for name in ("segments", "bwd_segments", "sum_tile"):
@@ -304,8 +311,8 @@ def _backward_kernel(*refs, plan, block_e):
                 dz_ref[b, t, channels] = (dy * out * sig * (1.0 + z * (1.0 - sig))).astype(dz_ref.dtype)
                 dy = dy * z * sig  # cotangent of the pre-gate output
             g = g + dy[:, None] * Ct[None, :]
-            dC_ref[b, block, t, :] = jnp.sum(dy[:, None] * states[i + 1], axis=0)
-            dB_ref[b, block, t, :] = jnp.sum(g * (delta * u)[:, None], axis=0)
+            dC_ref[b, block, t, :] = jnp.sum(dy[:, None] * states[i + 1], axis=0).astype(dC_ref.dtype)
+            dB_ref[b, block, t, :] = jnp.sum(g * (delta * u)[:, None], axis=0).astype(dB_ref.dtype)
             g_drive = jnp.sum(g * Bt[None, :], axis=1)  # d loss / d (delta u)
             g_log_decay = g * states[i] * decay  # d loss / d (delta A), elementwise
             ddelta = jnp.sum(g_log_decay * A, axis=1) + u * g_drive
@@ -563,12 +570,14 @@ def _backward(cfg, plan, residuals, dy, dfinal):
         _, g_ends = jax.lax.scan(carry_back, dfinal, (move(decays)[:-1], move(local)[:-1]))
         g_ends = jnp.concatenate([jnp.swapaxes(g_ends[::-1], 0, 1), dfinal[:, None]], axis=1)
 
+    partials = lambda x: jax.ShapeDtypeStruct(
+        (batch, n_blocks, length, d_state), x.dtype if cfg.bwd_partials == "input" else f32)
     out_shape = [
         jax.ShapeDtypeStruct(u.shape, u.dtype),  # du
         jax.ShapeDtypeStruct(delta.shape, delta.dtype),  # d(raw) delta
         segment_state,  # dA per row and segment
-        jax.ShapeDtypeStruct((batch, n_blocks, length, d_state), f32),  # dB per channel block
-        jax.ShapeDtypeStruct((batch, n_blocks, length, d_state), f32),  # dC per channel block
+        partials(B),  # dB per channel block
+        partials(C),  # dC per channel block
         segment_state,  # adjoint at each segment start
     ]
     per_channel = jax.ShapeDtypeStruct((batch, S, channels), f32)
@@ -591,7 +600,7 @@ def _backward(cfg, plan, residuals, dy, dfinal):
     # Sum the per-block partials behind a barrier: fused into its consumer (the
     # concatenation of x_proj's output gradient), XLA ran the dB sum as a loop of strided
     # loads at a quarter of the bandwidth its reduction kernel reached for dC on H100.
-    dB, dC = jax.lax.optimization_barrier((dB.sum(1), dC.sum(1)))
+    dB, dC = jax.lax.optimization_barrier((dB.sum(1, dtype=f32), dC.sum(1, dtype=f32)))
     return (du.astype(raw_u_dtype), ddelta.astype(raw_delta.dtype), dA.sum((0, 1)), dB.astype(B.dtype),
             dC.astype(C.dtype), dh_start[:, 0], dbias, dD, dz)
 

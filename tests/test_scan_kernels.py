@@ -244,6 +244,27 @@ def test_default_pallas_leaves_bias_softplus_skip_and_gate_to_xla(monkeypatch):
     assert (u.dtype, B.dtype, C.dtype, delta.dtype) == (jnp.bfloat16, jnp.bfloat16, jnp.bfloat16, jnp.float32)
 
 
+@pytest.mark.parametrize("partials,dtype", [("input", "bf16"), ("float32", "f32")])
+def test_backward_partials_take_the_dtype_of_b_and_c(partials, dtype):
+    """The backward writes its per-channel-block dB and dC partial sums in B's and C's own
+    dtype by default (half the bytes in bf16 training), and sums them in fp32."""
+    x = inputs(4, 1, 16, 8, 4)
+    bf16 = lambda t: t.astype(jnp.bfloat16)
+    args = (bf16(x[0]), x[1], x[2], bf16(x[3]), bf16(x[4]), x[5])
+    w = jax.random.normal(jax.random.PRNGKey(2), (1, 16, 8))
+
+    def loss(scan):
+        return lambda *a: jnp.sum(scan(*a)[0].astype(jnp.float32) * w) + jnp.sum(scan(*a)[1] ** 2)
+
+    fn = functools.partial(pallas_scan, bwd_partials=partials, bwd_block_e=4)
+    grad = jax.grad(loss(fn), argnums=(3, 4))
+    assert f"{dtype}[1,2,16,4]" in str(jax.make_jaxpr(grad)(*args))  # (batch, 8 / 4 blocks, L, N)
+    up = lambda t: t.astype(jnp.float32)
+    g_ref = jax.grad(loss(_reference_scan), argnums=(3, 4))(*map(up, args))
+    for g, ref in zip(jax.jit(grad)(*args), g_ref):
+        assert g.dtype == jnp.bfloat16 and rel_err(g, ref) < 1e-2
+
+
 @pytest.mark.parametrize("impl", ["pallas", "pallas:fuse=true"])
 def test_remat_scan_keeps_the_scan_residuals_and_the_gradients(impl, capsys):
     """remat="scan" saves the kernel's output and chunk states (so the backward pass need
