@@ -26,7 +26,7 @@ __all__ = ["profile_ops", "summarize_trace", "op_category", "StepProfiler"]
 def op_category(name: str) -> str:
     """A coarse bucket for a kernel or op name: matmul, scan kernel, or other XLA work."""
     lowered = name.lower()
-    if "_kernel" in lowered and any(k in lowered for k in ("forward", "backward", "adjoint")):
+    if "_kernel" in lowered and any(k in lowered for k in ("forward", "backward", "adjoint", "segment")):
         return "scan kernel"
     if any(k in lowered for k in ("gemm", "cutlass", "nvjet", "cublas", "dot", "matmul", "xmma", "sm90_")):
         return "matmul"

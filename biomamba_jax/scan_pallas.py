@@ -24,12 +24,14 @@ and per-channel-block partial sums of dB, dC (reduced over the blocks afterwards
 Segments: a grid of B * E / block_e programs is too small to fill a GPU at batch 1 (96
 programs for Mamba-130m against 132 SMs on an H100), and each program then walks the whole
 sequence alone. When the grid is smaller than `min_programs`, the sequence is split into
-S segments run in parallel. Forward: pass 1 scans every segment from a zero state and
-keeps only its end state; a short `lax.scan` over segments in XLA composes those with the
-segments' total decay exp(A * sum(delta)) into each segment's true start state; pass 2
-reruns the segments from those states and writes y. The backward does the same with the
-adjoint: a light kernel runs the adjoint recurrence alone over each segment from zero,
-XLA composes the segment ends, and the full backward kernel runs per segment.
+S segments run in parallel. Forward: pass 1 computes each segment's end state from a zero
+start as a sum over its steps (`_segment_end_kernel`: no step depends on the one before,
+so it runs in tiles of many steps); a short `lax.scan` over segments in XLA composes those
+with the segments' total decay exp(A * sum(delta)) into each segment's true start state;
+pass 2 reruns the segments from those states and writes y. The backward does the same
+with the adjoint (`_segment_start_adjoint_kernel`, then the full backward kernel per
+segment). The forward saves the state at every chunk start, so the backward may split the
+sequence into a different number of segments, or none.
 
 Shapes the Triton lowering cannot take (channels not a multiple of the block, N not a
 power of two, L not a multiple of segments x chunk) are padded: zero u and zero delta (or
@@ -86,15 +88,13 @@ class PallasScanConfig(NamedTuple):
     # chunk start, so the backward may split the sequence differently or not at all.
     segments: Optional[int] = None
     bwd_segments: Optional[int] = None
-    # How a segmented scan gets each segment's own end state (forward) and start adjoint
-    # (backward) from zero: "sum" writes each as a sum over the segment's steps,
+    # Pass 1 of a segmented scan (each segment's own end state, and in the backward its
+    # start adjoint, from zero) is a sum over the segment's steps,
     # h_end = sum_t exp(A * delta summed over the steps after t) * delta_t u_t B_t, taken in
-    # tiles of `sum_tile` steps with no step-to-step dependency; "scan" runs the recurrence
-    # step by step, as the main kernels do. Measured on H100 (benchmarks/NOTES.md, section
-    # 9): "sum" with 32-step tiles against "scan", prefill B=1 L=8k 437k vs 410k tok/s; one
-    # layer's scan fwd+bwd at B=2 L=8k 3.29 vs 3.59 ms (16-step tiles), B=1 L=16k 3.30 vs
-    # 3.35 ms.
-    segment_pass: str = "sum"
+    # tiles of `sum_tile` steps with no step-to-step dependency. Measured on H100 against
+    # running the recurrence step by step (benchmarks/NOTES.md, section 9): prefill B=1
+    # L=8k 437k vs 410k tok/s; one layer's scan fwd+bwd at B=2 L=8k 3.29 vs 3.59 ms
+    # (16-step tiles), B=1 L=16k 3.30 vs 3.35 ms.
     sum_tile: int = 32
     sum_num_warps: int = 4
     # selective_scan's bias, softplus, D and gate inside the kernels, with bf16 I/O. Off by
@@ -117,8 +117,6 @@ class PallasScanConfig(NamedTuple):
             raise ValueError(f"pallas scan option bwd_fuse={config.bwd_fuse!r}; choose all, nogate or off")
         if config.bwd_partials not in ("input", "float32"):
             raise ValueError(f"pallas scan option bwd_partials={config.bwd_partials!r}; choose input or float32")
-        if config.segment_pass not in ("sum", "scan"):
-            raise ValueError(f"pallas scan option segment_pass={config.segment_pass!r}; choose sum or scan")
         for name in ("segments", "bwd_segments", "sum_tile"):
             value = getattr(config, name)
             if value is not None and (value < 1 or value & (value - 1)):
@@ -226,13 +224,13 @@ def _load_rows(refs, b, t0, channels, chunk, fusion, with_dy):
 
 
 # ---------------------------------------------------------------------------- forward
-def _forward_kernel(*refs, plan, block_e, write_y, save_states):
+def _forward_kernel(*refs, plan, block_e, save_states):
     fusion, chunk = plan.fusion, plan.chunk
     save_pre_gate = save_states and plan.saves_pre_gate
     r = _Refs(refs)
     u_ref, delta_ref, A_ref, B_ref, C_ref, h0_ref = (r.take() for _ in range(6))
     bias_ref, D_ref, z_ref = r.take(fusion.bias), r.take(fusion.skip), r.take(fusion.gate)
-    y_ref, h_end_ref, states_ref = r.take(write_y), r.take(), r.take(save_states)
+    y_ref, h_end_ref, states_ref = r.take(), r.take(), r.take(save_states)
     pre_gate_ref = r.take(save_pre_gate)
 
     b, _, segment, channels, first, last = _program(plan, block_e)
@@ -251,15 +249,14 @@ def _forward_kernel(*refs, plan, block_e, write_y, save_states):
         for i, (u, raw, Bt, Ct, z, _) in enumerate(rows):
             delta = _delta(raw, bias, fusion)
             h = jnp.exp(delta[:, None] * A) * h + (delta * u)[:, None] * Bt[None, :]
-            if write_y:
-                y = jnp.sum(h * Ct[None, :], axis=1)
-                if fusion.skip:
-                    y = y + D * u
-                if save_pre_gate:
-                    pre_gate_ref[b, c * chunk + i, channels] = y
-                if fusion.gate:
-                    y = y * z * _sigmoid(z)
-                y_ref[b, c * chunk + i, channels] = y.astype(y_ref.dtype)
+            y = jnp.sum(h * Ct[None, :], axis=1)
+            if fusion.skip:
+                y = y + D * u
+            if save_pre_gate:
+                pre_gate_ref[b, c * chunk + i, channels] = y
+            if fusion.gate:
+                y = y * z * _sigmoid(z)
+            y_ref[b, c * chunk + i, channels] = y.astype(y_ref.dtype)
         return h, upcoming
 
     h0 = h0_ref[b, segment, channels, :]
@@ -340,36 +337,6 @@ def _backward_kernel(*refs, plan, block_e):
         dD_ref[b, segment, channels] = dD
     if fusion.bias:
         dbias_ref[b, segment, channels] = dbias
-
-
-def _adjoint_kernel(*refs, plan, block_e):
-    """The adjoint recurrence alone over one segment, from zero at its end (pass 1 of a
-    segmented backward): g <- exp(delta A) (g + dy C), no states needed."""
-    fusion, chunk = plan.bwd_fusion, plan.chunk
-    r = _Refs(refs)
-    u_ref, delta_ref, A_ref, B_ref, C_ref, dy_ref = (r.take() for _ in range(6))
-    bias_ref, z_ref = r.take(fusion.bias), r.take(fusion.gate)
-    g_start_ref = r.take()
-
-    b, _, segment, channels, first, last = _program(plan, block_e)
-    A = A_ref[channels, :]
-    bias = bias_ref[channels] if fusion.bias else None
-    data = (u_ref, delta_ref, B_ref, C_ref, z_ref, dy_ref)
-    load = lambda c: _load_rows(data, b, c * chunk, channels, chunk, fusion, with_dy=True)
-
-    def one_chunk(k, carry):
-        g, rows = carry
-        c = last - k
-        upcoming = load(jnp.maximum(c - 1, first))
-        for u, raw, Bt, Ct, z, dy in reversed(rows):
-            if fusion.gate:
-                dy = dy * z * _sigmoid(z)
-            g = jnp.exp(_delta(raw, bias, fusion)[:, None] * A) * (g + dy[:, None] * Ct[None, :])
-        return g, upcoming
-
-    g0 = jnp.zeros((block_e, A.shape[-1]), f32)
-    g, _ = jax.lax.fori_loop(0, plan.chunks_per_segment, one_chunk, (g0, load(last)))
-    g_start_ref[b, segment, channels, :] = g
 
 
 def _sum_tile(plan, cfg) -> int:
@@ -489,24 +456,12 @@ def _forward(cfg, plan, u, delta, A, B, C, h0, bias, D, z, save_states):
     states_shape = jax.ShapeDtypeStruct((batch, length // plan.chunk, channels, d_state), f32)
     segment_state = jax.ShapeDtypeStruct((batch, S, channels, d_state), f32)
 
-    def run(starts, write_y, save):
-        kernel = functools.partial(_forward_kernel, plan=plan, block_e=cfg.block_e,
-                                   write_y=write_y, save_states=save)
-        out_shape = ([jax.ShapeDtypeStruct(u.shape, u.dtype)] if write_y else []) + [segment_state]
-        out_shape += [states_shape] if save else []
-        out_shape += [jax.ShapeDtypeStruct(u.shape, f32)] if save and plan.saves_pre_gate else []
-        return _call(kernel, out_shape, grid, cfg, cfg.num_warps, (u, delta, A, B, C, starts, *fused))
-
     if S == 1:
         starts = h0[:, None]
     else:
-        if cfg.segment_pass == "sum":
-            kernel = functools.partial(_segment_end_kernel, plan=plan, block_e=cfg.block_e,
-                                       tile=_sum_tile(plan, cfg))
-            bias_arg = [bias] if plan.fusion.bias else []
-            (local_ends,) = _call(kernel, [segment_state], grid, cfg, cfg.sum_num_warps, (u, delta, A, B, *bias_arg))
-        else:
-            (local_ends,) = run(jnp.zeros((batch, S, channels, d_state), f32), False, False)
+        kernel = functools.partial(_segment_end_kernel, plan=plan, block_e=cfg.block_e, tile=_sum_tile(plan, cfg))
+        bias_arg = [bias] if plan.fusion.bias else []
+        (local_ends,) = _call(kernel, [segment_state], grid, cfg, cfg.sum_num_warps, (u, delta, A, B, *bias_arg))
         decays = _segment_decays(plan, delta, A, bias)
 
         def carry_in(h, xs):  # h: true state at the start of the segment
@@ -516,7 +471,11 @@ def _forward(cfg, plan, u, delta, A, B, C, h0, bias, D, z, save_states):
         move = lambda x: jnp.swapaxes(x, 0, 1)
         _, starts = jax.lax.scan(carry_in, h0, (move(decays), move(local_ends)))
         starts = move(starts)
-    y, ends, *saved = run(starts, True, save_states)
+    kernel = functools.partial(_forward_kernel, plan=plan, block_e=cfg.block_e, save_states=save_states)
+    out_shape = [jax.ShapeDtypeStruct(u.shape, u.dtype), segment_state]
+    out_shape += [states_shape] if save_states else []
+    out_shape += [jax.ShapeDtypeStruct(u.shape, f32)] if save_states and plan.saves_pre_gate else []
+    y, ends, *saved = _call(kernel, out_shape, grid, cfg, cfg.num_warps, (u, delta, A, B, C, starts, *fused))
     return y, ends[:, -1], (tuple(saved) if save_states else None)
 
 
@@ -550,14 +509,10 @@ def _backward(cfg, plan, residuals, dy, dfinal):
         g_ends = dfinal[:, None]
     else:
         extras = [x for x, on in ((bias, fusion.bias), (z, fusion.gate)) if on]
-        if cfg.segment_pass == "sum":
-            kernel = functools.partial(_segment_start_adjoint_kernel, plan=plan, block_e=cfg.block_e,
-                                       tile=_sum_tile(plan, cfg))
-            local = _call(kernel, [segment_state], (batch, channels // cfg.block_e, S), cfg, cfg.sum_num_warps,
-                          (delta, A, C, dy, *extras))[0]
-        else:
-            kernel = functools.partial(_adjoint_kernel, plan=plan, block_e=block_e)
-            local = _call(kernel, [segment_state], grid, cfg, warps, (u, delta, A, B, C, dy, *extras))[0]
+        kernel = functools.partial(_segment_start_adjoint_kernel, plan=plan, block_e=cfg.block_e,
+                                   tile=_sum_tile(plan, cfg))
+        local = _call(kernel, [segment_state], (batch, channels // cfg.block_e, S), cfg, cfg.sum_num_warps,
+                      (delta, A, C, dy, *extras))[0]
         decays = _segment_decays(plan, raw_delta, A, bias)
 
         def carry_back(g, xs):  # g: adjoint entering a segment from its right

@@ -56,6 +56,7 @@ def test_trace_without_op_events_says_what_is_missing(tmp_path):
 
 def test_categories():
     assert op_category("adjoint_kernel") == "scan kernel"
+    assert op_category("segment_end_kernel") == "scan kernel"
     assert op_category("sm90_xmma_gemm_bf16bf16_bf16f32") == "matmul"
     assert op_category("input_reduce_fusion_12") == "other XLA"
 

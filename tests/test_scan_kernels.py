@@ -114,13 +114,11 @@ def test_segment_count_fills_the_grid_and_respects_the_minimum_length():
         PallasScanConfig.from_options(bwd_segments=3)
 
 
-@pytest.mark.parametrize("segment_pass", ["sum", "scan"])
 @pytest.mark.parametrize("batch,length", [(1, 70), (2, 67)])
-def test_pallas_segmented_values_and_grads(batch, length, segment_pass):
-    """Segments: zero-state pass (as a sum over steps, or step by step), XLA composition,
-    second pass; the adjoint likewise."""
-    options = dict(SEGMENTED, segment_pass=segment_pass)
-    assert_matches_reference(functools.partial(pallas_scan, **options), inputs(length, batch, length, 12, 4))
+def test_pallas_segmented_values_and_grads(batch, length):
+    """Segments: zero-state pass (a sum over each segment's steps), XLA composition, second
+    pass; the adjoint likewise."""
+    assert_matches_reference(functools.partial(pallas_scan, **SEGMENTED), inputs(length, batch, length, 12, 4))
 
 
 @pytest.mark.parametrize("length,segments,tile,used", [(96, 8, 1, 1), (96, 8, 2, 2), (96, 8, 16, 4), (256, 2, 32, 32)])
