@@ -671,6 +671,11 @@ def pallas_selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, de
         u = u if mask is None else u * mask[..., None].astype(u.dtype)
         y, final = pallas_scan(u, delta32, A.astype(f32), B, C, initial_state, **options)
         return _finish_output(y, u.astype(f32), D, z, u.dtype), final
+    if delta_bias is not None and not delta_softplus:
+        # Masked and padded steps must see delta exactly 0. With a softplus they get a raw
+        # delta of -inf; without one, no raw value gives 0 after each channel's bias in the
+        # kernel, so the bias is added here, before masking and padding.
+        delta, delta_bias = delta.astype(f32) + delta_bias.astype(f32), None
     fusion = _Fusion(bias=delta_bias is not None, softplus=bool(delta_softplus),
                      skip=D is not None, gate=z is not None)
     if mask is not None:

@@ -189,6 +189,33 @@ def test_segmented_selective_scan_with_mask_matches_reference(dtype, tolerance, 
         assert rel_err(g, g_ref) < tolerance, name
 
 
+@pytest.mark.parametrize("impl", ["pallas:chunk=4", "pallas:chunk=4:fuse=true", "chunked:chunk=4"])
+def test_bias_without_softplus_leaves_padded_and_masked_steps_alone(impl):
+    """A dt bias without the softplus: padded steps (13 is not a multiple of the chunk) and
+    masked steps must leave the state alone, as in the reference, in values and gradients."""
+    from biomamba_jax.scan import selective_scan
+
+    k = jax.random.split(jax.random.PRNGKey(6), 6)
+    batch, length, channels, d_state = 2, 13, 6, 4
+    u, delta = jax.random.normal(k[0], (batch, length, channels)), jax.random.uniform(k[1], (batch, length, channels))
+    A = -jnp.exp(jax.random.normal(k[2], (channels, d_state)))
+    B, C = (jax.random.normal(k[i], (batch, length, d_state)) for i in (3, 4))
+    bias = jax.random.uniform(k[5], (channels,)) + 0.5
+    mask = jnp.ones((batch, length)).at[1, 10:].set(0).at[0, 4:6].set(0)
+
+    def loss(impl, u, bias):
+        y, final = selective_scan(u, delta, A, B, C, delta_bias=bias, delta_softplus=False, mask=mask,
+                                  return_final_state=True, impl=impl)
+        return jnp.sum(y ** 2) + jnp.sum(final ** 2), final
+
+    (value, final), grads = jax.value_and_grad(functools.partial(loss, impl), argnums=(0, 1), has_aux=True)(u, bias)
+    (ref_value, ref_final), ref_grads = jax.value_and_grad(
+        functools.partial(loss, "reference"), argnums=(0, 1), has_aux=True)(u, bias)
+    assert rel_err(final, ref_final) < 1e-5 and abs(float(value - ref_value)) < 1e-5 * abs(float(ref_value))
+    for g, g_ref in zip(grads, ref_grads):
+        assert rel_err(g, g_ref) < 1e-5
+
+
 def test_impl_string_options_and_errors():
     from biomamba_jax.scan import parse_scan_impl
 
