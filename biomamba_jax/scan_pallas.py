@@ -384,8 +384,8 @@ def _segment_end_kernel(*refs, plan, block_e, tile):
 def _segment_start_adjoint_kernel(*refs, plan, block_e, tile):
     """Pass 1 of a segmented backward as a sum: the adjoint a segment carries to its start
     from zero at its end, g_start = sum_t exp(A * upto_t) * dy_t C_t, upto_t = sum of
-    delta over the segment's steps up to and including t (the adjoint kernel's recurrence
-    g <- exp(delta A) (g + dy C), unrolled)."""
+    delta over the segment's steps up to and including t (the recurrence
+    g <- exp(delta A) (g + dy C), run from the segment's end, written out as a sum)."""
     fusion = plan.bwd_fusion
     r = _Refs(refs)
     delta_ref, A_ref, C_ref, dy_ref = (r.take() for _ in range(4))
