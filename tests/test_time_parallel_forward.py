@@ -8,9 +8,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from time_parallel_forward import linear_scan, time_parallel_scan  # noqa: E402
 from biomamba_jax.scan import _reference_scan  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+try:  # the experiment builds its Triton lowering from JAX internals, bound to a JAX version
+    from time_parallel_forward import linear_scan, time_parallel_scan  # noqa: E402
+except (ImportError, AttributeError) as error:
+    pytest.skip(f"time-parallel experiment needs JAX internals this JAX lacks: {error}", allow_module_level=True)
 
 
 def rel_err(a, b):
