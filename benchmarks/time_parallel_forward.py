@@ -10,18 +10,25 @@ the Triton lowering emits one `tt.scan` with two operands, built like JAX's own 
 lowering. It uses JAX internals (jax._src.pallas.triton.lowering), so it is bound to the
 JAX version it was written against (0.10.2 here, 0.11.2 on the device image).
 
-`time_parallel_scan` is the forward only (prefill): one program per (batch row, block of
-channels); a loop over tiles of T steps computes a = exp(delta A) and b = delta u B as
-(T, E_blk, N) blocks, scans them along T, adds the carried state, contracts with C and
-stores a (T, E_blk) block of y. Same contract as `pallas_scan` without gradients.
+The kernel: one program per (batch row, block of channels); a loop over tiles of T steps
+computes a = exp(delta A) and b = delta u B as (T, E_blk, N) blocks, scans them along T,
+adds the carried state, contracts with C and stores a (T, E_blk) block of y. With a
+gradient it also saves the state at every chunk start in the layout the library's
+backward kernel reads, so `_backward` (segments and all) runs unchanged.
 
-Status: numerics tested in interpret mode on CPU and lowered to Triton IR for CUDA on CPU;
-never compiled for or timed on a GPU: `benchmarks/device_tp1.sh` does both.
+Importing this module registers the scan impl "pallas_tp" (options: the Pallas ones plus
+`tile`, `tp_block_e`, `tp_num_warps`), so `scripts/benchmark.py --plugin
+benchmarks/time_parallel_forward.py --train-impls pallas,pallas_tp` checks and times it.
+
+Status: values and gradients tested against `reference` in interpret mode on CPU, and
+lowered to Triton IR for CUDA on CPU; never compiled for or timed on a GPU:
+`benchmarks/device_tp1.sh` does both.
 """
 
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -31,7 +38,11 @@ from jax._src import linear_util as lu
 from jax._src import tree_util
 from jax._src.interpreters import mlir
 from jax._src.interpreters import partial_eval as pe
+from jax.ad_checkpoint import checkpoint_name
 from jax.experimental import pallas as pl
+
+from biomamba_jax import scan_pallas as sp
+from biomamba_jax.scan import SCAN_RESIDUAL_NAMES, register_scan_impl
 
 f32 = jnp.float32
 
@@ -88,11 +99,23 @@ def _register_triton_lowering():
 _register_triton_lowering()
 
 
-def _kernel(u_ref, delta_ref, A_ref, B_ref, C_ref, h0_ref, y_ref, h_end_ref, *, block_e, tile, tiles):
+class TimeParallel(NamedTuple):
+    tile: int = 64  # steps scanned at once
+    block_e: int = 8  # channels per program
+    num_warps: int = 4
+
+
+def _kernel(u_ref, delta_ref, A_ref, B_ref, C_ref, h0_ref, y_ref, h_end_ref, *states_ref, block_e, tile, chunk):
     b, block = pl.program_id(0), pl.program_id(1)
     channels = pl.ds(block * block_e, block_e)
     A = A_ref[channels, :]  # (E_blk, N)
+    d_state = A.shape[-1]
+    groups = tile // chunk
     last = jax.lax.broadcasted_iota(jnp.int32, (tile, 1, 1), 0) == tile - 1
+    chunk_last = jax.lax.broadcasted_iota(jnp.int32, (groups, chunk, 1, 1), 1) == chunk - 1
+    h0 = h0_ref[b, channels, :]
+    if states_ref:  # states_ref[0][b, c] is the state at the start of chunk c (one row extra)
+        states_ref[0][b, 0, channels, :] = h0
 
     def one_tile(k, h):
         steps = pl.ds(k * tile, tile)
@@ -103,30 +126,76 @@ def _kernel(u_ref, delta_ref, A_ref, B_ref, C_ref, h0_ref, y_ref, h_end_ref, *, 
         cum_decay, local = linear_scan(decay, drive[:, :, None] * Bt[:, None, :], axis=0)
         states = local + cum_decay * h[None]  # the true state after each step
         y_ref[b, steps, channels] = jnp.sum(states * Ct[:, None, :], axis=2).astype(y_ref.dtype)
+        if states_ref:  # the state after each chunk of this tile starts the next chunk
+            grouped = states.reshape(groups, chunk, block_e, d_state)
+            states_ref[0][b, pl.ds(k * groups + 1, groups), channels, :] = jnp.sum(
+                jnp.where(chunk_last, grouped, 0.0), axis=1)
         return jnp.sum(jnp.where(last, states, 0.0), axis=0)  # the state after the tile
 
-    h = jax.lax.fori_loop(0, tiles, one_tile, h0_ref[b, channels, :])
-    h_end_ref[b, channels, :] = h
+    h_end_ref[b, channels, :] = jax.lax.fori_loop(0, u_ref.shape[1] // tile, one_tile, h0)
 
 
-def time_parallel_scan(u, delta, A, B, C, initial_state=None, *, block_e=8, tile=64, num_warps=4, interpret=None):
-    """Forward selective scan, no gradient: (y in u's dtype, final fp32 state). L must be a
-    multiple of `tile` and E of `block_e` (an experiment: no padding)."""
+def _forward(cfg, plan, tp, u, delta, A, B, C, h0, save_states):
     batch, length, channels = u.shape
     d_state = A.shape[-1]
-    if length % tile or channels % block_e:
-        raise ValueError(f"time_parallel_scan: L={length} must be a multiple of tile={tile} and "
-                         f"E={channels} of block_e={block_e}")
-    h0 = jnp.zeros((batch, channels, d_state), f32) if initial_state is None else initial_state.astype(f32)
-    interpret = jax.default_backend() != "gpu" if interpret is None else interpret
+    if channels % tp.block_e or length % tp.tile or tp.tile % plan.chunk:
+        raise ValueError(f"pallas_tp: E={channels}, L={length}, tile={tp.tile}, block_e={tp.block_e}, "
+                         f"chunk={plan.chunk} do not tile")
+    interpret = sp._interpret(cfg)
     params = None
     if not interpret:
         from jax.experimental.pallas import triton as plgpu
 
-        params = plgpu.CompilerParams(num_warps=num_warps, num_stages=1)
-    kernel = functools.partial(_kernel, block_e=block_e, tile=tile, tiles=length // tile)
-    return pl.pallas_call(
-        kernel, grid=(batch, channels // block_e), interpret=interpret, compiler_params=params,
-        out_shape=[jax.ShapeDtypeStruct(u.shape, u.dtype), jax.ShapeDtypeStruct(h0.shape, f32)],
-        name="time_parallel_forward",
-    )(u, delta.astype(f32), A.astype(f32), B, C, h0)
+        params = plgpu.CompilerParams(num_warps=tp.num_warps, num_stages=1)
+    out_shape = [jax.ShapeDtypeStruct(u.shape, u.dtype), jax.ShapeDtypeStruct((batch, channels, d_state), f32)]
+    if save_states:
+        out_shape.append(jax.ShapeDtypeStruct((batch, plan.chunks + 1, channels, d_state), f32))
+    kernel = functools.partial(_kernel, block_e=tp.block_e, tile=tp.tile, chunk=plan.chunk)
+    return pl.pallas_call(kernel, grid=(batch, channels // tp.block_e), interpret=interpret, compiler_params=params,
+                          out_shape=out_shape, name="time_parallel_forward")(u, delta, A, B, C, h0)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _scan(tp, cfg, plan, u, delta, A, B, C, h0, bias, D, z):
+    y, final = _forward(cfg, plan, tp, u, delta, A, B, C, h0, save_states=False)
+    return y, final
+
+
+def _scan_fwd(tp, cfg, plan, u, delta, A, B, C, h0, bias, D, z):
+    y, final, states = _forward(cfg, plan, tp, u, delta, A, B, C, h0, save_states=True)
+    output_name, states_name = SCAN_RESIDUAL_NAMES  # so remat="scan" keeps them, as for "pallas"
+    y, states = checkpoint_name(y, output_name), checkpoint_name(states, states_name)
+    return (y, final), (u, delta, A, B, C, bias, D, z, (states,))
+
+
+def _scan_bwd(tp, cfg, plan, residuals, cotangents):
+    return sp._backward(cfg, plan, residuals, *cotangents)  # reads states[:, c] for c < chunks
+
+
+_scan.defvjp(_scan_fwd, _scan_bwd)
+
+
+def time_parallel_scan(u, delta, A, B, C, initial_state=None, **options):
+    """`pallas_scan`'s contract (gradients included) with the time-parallel forward. Options:
+    `tile`, `tp_block_e`, `tp_num_warps`, and any `PallasScanConfig` field (the backward's)."""
+    default = TimeParallel()
+    tp = TimeParallel(options.pop("tile", default.tile), options.pop("tp_block_e", default.block_e),
+                      options.pop("tp_num_warps", default.num_warps))
+    h0 = sp._initial_state(initial_state, *u.shape[::2], A.shape[-1])
+    return sp._run(u, delta, A, B, C, h0, None, None, None, sp._Fusion(), options,
+                   scan=functools.partial(_scan, tp), length_multiple=tp.tile)
+
+
+def time_parallel_selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                                 initial_state=None, mask=None, **options):
+    """As "pallas" with fuse=false: bf16 u, B, C go in as they are; XLA does the rest."""
+    from biomamba_jax.scan import _finish_output, _prepare_delta
+
+    delta32 = _prepare_delta(delta, delta_bias, delta_softplus, mask)
+    u = u if mask is None else u * mask[..., None].astype(u.dtype)
+    y, final = time_parallel_scan(u, delta32, A.astype(f32), B, C, initial_state, **options)
+    return _finish_output(y, u.astype(f32), D, z, u.dtype), final
+
+
+register_scan_impl("pallas_tp", time_parallel_scan, fused=time_parallel_selective_scan,
+                   options=sp.PallasScanConfig._fields + ("tile", "tp_block_e", "tp_num_warps"))

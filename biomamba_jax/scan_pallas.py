@@ -608,14 +608,18 @@ def _tiling(cfg: PallasScanConfig, batch: int, length: int, channels: int):
     return cfg, segments, bwd_segments
 
 
-def _run(u, delta, A, B, C, h0, bias, D, z, fusion, options):
-    """Pad to the kernel's tiling, choose segments, run, and slice the padding off."""
+def _run(u, delta, A, B, C, h0, bias, D, z, fusion, options, scan=None, length_multiple=1):
+    """Pad to the kernel's tiling, choose segments, run, and slice the padding off.
+
+    `scan` replaces `_scan_padded` (same arguments and result), with L padded to a
+    multiple of `length_multiple` (a power of two) as well: how an experimental forward
+    kernel (benchmarks/time_parallel_forward.py) reuses the padding and the backward."""
     batch, length, channels = u.shape
     d_state = A.shape[-1]
     cfg, segments, bwd_segments = _tiling(PallasScanConfig.from_options(**options), batch, length, channels)
     widest = max(cfg.block_e, cfg.bwd_block_e)  # both powers of two
     padded_e = -(-channels // widest) * widest
-    steps = max(segments, bwd_segments) * cfg.chunk  # both powers of two
+    steps = max(max(segments, bwd_segments) * cfg.chunk, length_multiple)  # all powers of two
     padded_l = -(-length // steps) * steps
     bwd_fusion = {"all": fusion, "nogate": fusion._replace(gate=False), "off": _Fusion()}[cfg.bwd_fuse]
     plan = _Plan(cfg.chunk, padded_l // cfg.chunk, segments, bwd_segments, fusion, bwd_fusion)
@@ -629,7 +633,7 @@ def _run(u, delta, A, B, C, h0, bias, D, z, fusion, options):
 
     # Padded steps must leave the state alone: delta = 0 after the (fused) softplus.
     delta_pad = -jnp.inf if fusion.softplus else 0.0
-    y, final = _scan_padded(
+    y, final = (scan or _scan_padded)(
         cfg, plan,
         pad(u, 0, dl, de), pad(delta, 0, dl, de, value=delta_pad), pad(A, de, dn),
         pad(B, 0, dl, dn), pad(C, 0, dl, dn), pad(h0, 0, de, dn),

@@ -65,6 +65,9 @@ def parse_args(argv=None):
     p.add_argument("--torch-batch", type=int, default=1)
     p.add_argument("--torch-length", type=int, default=256)
     p.add_argument("--torch-steps", type=int, default=2)
+    p.add_argument("--plugin", action="append", default=[], metavar="FILE",
+                   help="import this Python file first, e.g. one that registers another scan impl "
+                        "(benchmarks/time_parallel_forward.py registers 'pallas_tp'); repeatable")
     p.add_argument("--out", default=None, help="JSON results path")
     p.add_argument("--dump-hlo", default=None, metavar="DIR", help="write each training step's optimised HLO here")
     p.add_argument("--profile", type=int, default=0, metavar="TOP",
@@ -428,6 +431,14 @@ def print_table(results):
 def main(argv=None):
     args = parse_args(argv)
     import biomamba_jax.scan  # noqa: F401  (registers every impl)
+
+    for path in args.plugin:
+        import importlib.util
+
+        if not os.path.isfile(path):
+            raise SystemExit(f"--plugin {path}: no such file")
+        spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0], path)
+        spec.loader.exec_module(importlib.util.module_from_spec(spec))
 
     impls = [s for s in args.impls.split(",") if s]
     train_impls = [s for s in (args.train_impls or args.impls).split(",") if s]
