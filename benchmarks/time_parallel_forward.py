@@ -78,11 +78,9 @@ def _register_triton_lowering():
     def _lowering(ctx, a, b, *, axis):
         dtype = ctx.avals_in[0].dtype
         scalar = jax_core.ShapedArray((), dtype)
-        body = lambda x, y: _combine(x, y)
         in_tree = tree_util.tree_structure(((0, 0), (0, 0)))
-        flat_fun, _ = api_util.flatten_fun_nokwargs(
-            lu.wrap_init(body, debug_info=api_util.debug_info("linear_scan combine", body, ((a, b), (a, b)), {})),
-            in_tree)
+        debug = api_util.debug_info("linear_scan combine", _combine, ((a, b), (a, b)), {})
+        flat_fun, _ = api_util.flatten_fun_nokwargs(lu.wrap_init(_combine, debug_info=debug), in_tree)
         jaxpr, _, consts = pe.trace_to_jaxpr_dynamic(flat_fun, [scalar] * 4)
         if consts:
             raise NotImplementedError("linear_scan combine with constants")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import functools
+import importlib.util
 import json
 import os
 import statistics
@@ -433,8 +434,6 @@ def main(argv=None):
     import biomamba_jax.scan  # noqa: F401  (registers every impl)
 
     for path in args.plugin:
-        import importlib.util
-
         if not os.path.isfile(path):
             raise SystemExit(f"--plugin {path}: no such file")
         spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0], path)
