@@ -98,9 +98,12 @@ _register_triton_lowering()
 
 
 class TimeParallel(NamedTuple):
-    tile: int = 64  # steps scanned at once
+    # A (tile, block_e, N) block is 4096 fp32 values at these defaults, 16 per thread on 8
+    # warps, and about six such blocks are live at once: larger tiles would spill registers
+    # (a guess to check with Nsight Compute). At B=1 for Mamba-130m: 192 programs.
+    tile: int = 32  # steps scanned at once
     block_e: int = 8  # channels per program
-    num_warps: int = 4
+    num_warps: int = 8
 
 
 def _kernel(u_ref, delta_ref, A_ref, B_ref, C_ref, h0_ref, y_ref, h_end_ref, *states_ref, block_e, tile, chunk):
