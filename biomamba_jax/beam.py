@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from .generate import matmul_weights_in_compute_dtype
+from .generate import decode_model
 from .model import MambaLM
 
 __all__ = ["beam_search", "BeamOutput", "newline_token_mask"]
@@ -36,9 +36,7 @@ def _beam_search_jit(graphdef, state, input_ids, attention_mask, stop_mask, *, n
                      max_new_tokens, pad_token_id):
     model = nnx.merge(graphdef, state)
     logits, cache = model.prefill(input_ids, attention_mask)
-    # As in `generate`: the token loop's kernels are cast once, not at every step.
-    step_model = nnx.merge(graphdef, matmul_weights_in_compute_dtype(state, jnp.dtype(model.config.dtype)))
-    weights = step_model.decode_weights()  # split and cast once, not per token
+    step_model, weights = decode_model(graphdef, state, jnp.dtype(model.config.dtype))
     batch, beams = input_ids.shape[0], num_beams
     vocab = logits.shape[-1]
     # Beam b of row r is cache row r * beams + b. Only beam 0 is live at the start, so the

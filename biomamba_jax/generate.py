@@ -77,6 +77,14 @@ def matmul_weights_in_compute_dtype(state, dtype):
     return jax.tree_util.tree_map_with_path(cast, state)
 
 
+def decode_model(graphdef, state, dtype):
+    """(model, weights) for a token loop: kernels cast to `dtype` and the per-layer weights
+    prepared once (`MambaLM.decode_weights`), so no step recasts or re-slices them. The
+    prefill keeps the fp32 kernels: its conv runs in fp32 and must match model(...)."""
+    model = nnx.merge(graphdef, matmul_weights_in_compute_dtype(state, dtype))
+    return model, model.decode_weights()
+
+
 @functools.partial(
     jax.jit,
     static_argnames=("graphdef", "max_new_tokens", "temperature", "top_k", "top_p",
@@ -86,9 +94,7 @@ def _generate_jit(graphdef, state, input_ids, attention_mask, rng, *, max_new_to
                   temperature, top_k, top_p, eos_token_id, pad_token_id, unroll_layers):
     model = nnx.merge(graphdef, state)
     logits, cache = model.prefill(input_ids, attention_mask)
-    # The prefill keeps fp32 kernels: its conv runs in fp32 and must match model(...).
-    step_model = nnx.merge(graphdef, matmul_weights_in_compute_dtype(state, jnp.dtype(model.config.dtype)))
-    weights = step_model.decode_weights()  # split and cast once, not per token
+    step_model, weights = decode_model(graphdef, state, jnp.dtype(model.config.dtype))
     batch = input_ids.shape[0]
     tokens = jnp.full((batch, max_new_tokens), pad_token_id, jnp.int32)
     finished = jnp.zeros((batch,), bool)
