@@ -104,6 +104,10 @@ class TimeParallel(NamedTuple):
     tile: int = 32  # steps scanned at once
     block_e: int = 8  # channels per program
     num_warps: int = 8
+    # Loop over the N state columns, scanning (T, E_blk) blocks one column at a time, as
+    # mamba_ssm's kernel does: a sixteenth of the registers per block, so tiles can be
+    # longer, and y accumulates per thread with no reduction over N.
+    per_state: bool = False
 
 
 def _kernel(u_ref, delta_ref, A_ref, B_ref, C_ref, h0_ref, y_ref, h_end_ref, *states_ref, block_e, tile, chunk):
@@ -136,6 +140,44 @@ def _kernel(u_ref, delta_ref, A_ref, B_ref, C_ref, h0_ref, y_ref, h_end_ref, *st
     h_end_ref[b, channels, :] = jax.lax.fori_loop(0, u_ref.shape[1] // tile, one_tile, h0)
 
 
+def _per_state_kernel(u_ref, delta_ref, A_ref, B_ref, C_ref, h0_ref, y_ref, h_end_ref, *states_ref, block_e, tile,
+                      chunk):
+    b, block = pl.program_id(0), pl.program_id(1)
+    channels = pl.ds(block * block_e, block_e)
+    d_state = A_ref.shape[-1]
+    groups = tile // chunk
+    last = jax.lax.broadcasted_iota(jnp.int32, (tile, 1), 0) == tile - 1
+    chunk_last = jax.lax.broadcasted_iota(jnp.int32, (groups, chunk, 1), 1) == chunk - 1
+    A = [A_ref[channels, n] for n in range(d_state)]  # N columns of (E_blk,)
+    h0 = tuple(h0_ref[b, channels, n] for n in range(d_state))
+    if states_ref:  # states_ref[0][b, c] is the state at the start of chunk c (one row extra)
+        for n in range(d_state):
+            states_ref[0][b, 0, channels, n] = h0[n]
+
+    def one_tile(k, h):
+        steps = pl.ds(k * tile, tile)
+        delta = delta_ref[b, steps, channels].astype(f32)  # (T, E_blk)
+        drive = delta * u_ref[b, steps, channels].astype(f32)
+        y = jnp.zeros_like(delta)
+        h_next = []
+        for n in range(d_state):
+            Bn, Cn = B_ref[b, steps, n].astype(f32), C_ref[b, steps, n].astype(f32)  # (T,)
+            cum_decay, local = linear_scan(jnp.exp(delta * A[n][None]), drive * Bn[:, None], axis=0)
+            states = local + cum_decay * h[n][None]  # (T, E_blk): column n of the state after each step
+            y = y + states * Cn[:, None]
+            if states_ref:
+                grouped = states.reshape(groups, chunk, block_e)
+                states_ref[0][b, pl.ds(k * groups + 1, groups), channels, n] = jnp.sum(
+                    jnp.where(chunk_last, grouped, 0.0), axis=1)
+            h_next.append(jnp.sum(jnp.where(last, states, 0.0), axis=0))
+        y_ref[b, steps, channels] = y.astype(y_ref.dtype)
+        return tuple(h_next)
+
+    h_end = jax.lax.fori_loop(0, u_ref.shape[1] // tile, one_tile, h0)
+    for n in range(d_state):
+        h_end_ref[b, channels, n] = h_end[n]
+
+
 def _forward(cfg, plan, tp, u, delta, A, B, C, h0, save_states):
     batch, length, channels = u.shape
     d_state = A.shape[-1]
@@ -151,7 +193,7 @@ def _forward(cfg, plan, tp, u, delta, A, B, C, h0, save_states):
     out_shape = [jax.ShapeDtypeStruct(u.shape, u.dtype), jax.ShapeDtypeStruct((batch, channels, d_state), f32)]
     if save_states:
         out_shape.append(jax.ShapeDtypeStruct((batch, plan.chunks + 1, channels, d_state), f32))
-    kernel = functools.partial(_kernel, block_e=tp.block_e, tile=tp.tile, chunk=plan.chunk)
+    kernel = functools.partial(_per_state_kernel if tp.per_state else _kernel, block_e=tp.block_e, tile=tp.tile, chunk=plan.chunk)
     return pl.pallas_call(kernel, grid=(batch, channels // tp.block_e), interpret=interpret, compiler_params=params,
                           out_shape=out_shape, name="time_parallel_forward")(u, delta, A, B, C, h0)
 
@@ -178,10 +220,11 @@ _scan.defvjp(_scan_fwd, _scan_bwd)
 
 def time_parallel_scan(u, delta, A, B, C, initial_state=None, **options):
     """`pallas_scan`'s contract (gradients included) with the time-parallel forward. Options:
-    `tile`, `tp_block_e`, `tp_num_warps`, and any `PallasScanConfig` field (the backward's)."""
+    `tile`, `tp_block_e`, `tp_num_warps`, `tp_per_state`, and any `PallasScanConfig` field (the backward's)."""
     default = TimeParallel()
     tp = TimeParallel(options.pop("tile", default.tile), options.pop("tp_block_e", default.block_e),
-                      options.pop("tp_num_warps", default.num_warps))
+                      options.pop("tp_num_warps", default.num_warps),
+                      bool(options.pop("tp_per_state", default.per_state)))
     h0 = sp._initial_state(initial_state, *u.shape[::2], A.shape[-1])
     return sp._run(u, delta, A, B, C, h0, None, None, None, sp._Fusion(), options,
                    scan=functools.partial(_scan, tp), length_multiple=tp.tile)
@@ -199,4 +242,4 @@ def time_parallel_selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=N
 
 
 register_scan_impl("pallas_tp", time_parallel_scan, fused=time_parallel_selective_scan,
-                   options=sp.PallasScanConfig._fields + ("tile", "tp_block_e", "tp_num_warps"))
+                   options=sp.PallasScanConfig._fields + ("tile", "tp_block_e", "tp_num_warps", "tp_per_state"))

@@ -49,6 +49,9 @@ def test_linear_scan_is_the_recurrence():
     ((2, 32, 8, 4), dict(tile=8, tp_block_e=4)),  # one chunk per tile
     ((1, 70, 12, 4), dict(tile=16, tp_block_e=8)),  # L and E padded, two chunks per tile
     ((1, 96, 12, 4), dict(tile=32, min_programs=64, target_programs=64, min_segment_length=8)),  # backward in segments
+    ((2, 32, 8, 4), dict(tile=8, tp_block_e=4, tp_per_state=True)),
+    ((1, 70, 12, 4), dict(tile=16, tp_block_e=8, tp_per_state=True)),
+    ((1, 96, 12, 4), dict(tile=32, tp_per_state=True, min_programs=64, target_programs=64, min_segment_length=8)),
 ])
 def test_values_and_gradients_match_reference(shape, options):
     x = inputs(sum(shape), *shape)
@@ -63,21 +66,23 @@ def test_values_and_gradients_match_reference(shape, options):
         assert rel_err(g, g_ref) < 1e-5, name
 
 
-def test_selective_scan_impl_in_bf16():
+@pytest.mark.parametrize("impl", ["pallas_tp", "pallas_tp:tp_per_state=true"])
+def test_selective_scan_impl_in_bf16(impl):
     """Registered as "pallas_tp": selective_scan as the model calls it, bf16 activations."""
     x = inputs(3, 2, 40, 8, 4)
     bf16 = lambda t: t.astype(jnp.bfloat16)
     args = (bf16(x[0]), bf16(x[1]), x[2], bf16(x[3]), bf16(x[4]))
     extras = dict(D=jnp.ones(8), z=bf16(x[0]), delta_bias=jnp.zeros(8), delta_softplus=True)
     loss = lambda impl: lambda u: jnp.sum(selective_scan(u, *args[1:], **extras, impl=impl).astype(jnp.float32) ** 2)
-    value, grad = jax.value_and_grad(loss("pallas_tp"))(args[0])
+    value, grad = jax.value_and_grad(loss(impl))(args[0])
     ref_value, ref_grad = jax.value_and_grad(loss("reference"))(args[0])
     assert abs(float(value - ref_value)) < 2e-2 * abs(float(ref_value)) and rel_err(grad, ref_grad) < 2e-2
 
 
-def test_lowers_to_triton_ir_for_cuda():
+@pytest.mark.parametrize("per_state", [False, True])
+def test_lowers_to_triton_ir_for_cuda(per_state):
     x = inputs(4, 1, 128, 16, 16)[:5]
-    fn = lambda *a: time_parallel_scan(*a, interpret=False)
+    fn = lambda *a: time_parallel_scan(*a, interpret=False, tp_per_state=per_state)
     text = jax.jit(fn).trace(*x).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("xla.gpu.triton") == 1  # the forward alone
     grad = jax.grad(lambda *a: jnp.sum(fn(*a)[0] ** 2))
