@@ -30,4 +30,4 @@ PYTHONPATH=/tmp/site:. timeout 170 python3 $D run --name tree-profile6 --json $J
 cp $RUN/profile.json "$OUT/pretrain-profile.json" 2>/dev/null
 $Q
 PYTHONPATH=. timeout 80 python3 scripts/benchmark.py --warmup 2 --repeats 5 --workloads train --train-impls pallas --batch 8 --length 2048 \
-  --profile 6 --out "$OUT/bench-profile2k.json" 2>&1 | grep -E "^PROFILE" | cut -c1-150
+  --profile 20 --out "$OUT/bench-profile2k.json" 2>&1 | grep -E "^PROFILE" | cut -c1-150
