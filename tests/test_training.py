@@ -6,7 +6,9 @@ import sys
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from biomamba_jax.parallel import BatchPlan, BatchSplitError
@@ -118,3 +120,54 @@ def test_nonfinite_step_is_skipped_and_counted():
     for new, old in zip(jax.tree.leaves((new_state.params, new_state.opt_state)),
                         jax.tree.leaves((state.params, state.opt_state))):
         np.testing.assert_array_equal(np.asarray(new), np.asarray(old))
+
+
+def _gradient_like_tree(seed, scale):
+    keys = jax.random.split(jax.random.PRNGKey(seed), 4)
+    return {"stacked": scale * jax.random.normal(keys[0], (3, 5, 7)), "matrix": scale * jax.random.normal(keys[1], (11, 4)),
+            "vector": scale * jax.random.normal(keys[2], (6,)), "scalar": scale * jax.random.normal(keys[3], ())}
+
+
+def test_global_norm_is_optax_tree_norm():
+    from biomamba_jax.training import global_norm
+
+    tree = _gradient_like_tree(0, 1.0)
+    np.testing.assert_allclose(float(jax.jit(global_norm)(tree)), float(optax.tree.norm(tree)), rtol=1e-6)
+    bf16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), tree)  # summed in fp32 whatever the leaves' dtype
+    np.testing.assert_allclose(float(global_norm(bf16)), float(optax.tree.norm(jax.tree.map(
+        lambda x: x.astype(jnp.float32), bf16))), rtol=1e-6)
+
+
+@pytest.mark.parametrize("scale", [1e-3, 10.0])  # below and above max_norm
+@pytest.mark.parametrize("given_norm", [False, True])
+def test_clip_matches_optax_with_or_without_a_given_norm(scale, given_norm):
+    from biomamba_jax.training import clip_by_global_norm, global_norm
+
+    tree = _gradient_like_tree(1, scale)
+    expected, _ = optax.clip_by_global_norm(1.0).update(tree, optax.EmptyState())
+    extra = {"grad_norm": global_norm(tree)} if given_norm else {}
+    clipped, state = clip_by_global_norm(1.0).update(tree, optax.EmptyState(), **extra)
+    for got, want in zip(jax.tree.leaves(clipped), jax.tree.leaves(expected)):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6)
+    assert state == optax.EmptyState()
+
+
+def test_optimizer_state_layout_is_unchanged_so_old_checkpoints_resume():
+    """The state must keep the layout of chain(optax.clip_by_global_norm, adamw), which
+    checkpoints written before the clip took a given norm were saved with."""
+    from biomamba_jax.run_config import OptimSection
+    from biomamba_jax.training import lr_schedule, make_optimizer, weight_decay_mask
+
+    params = {"mixer": {"in_proj": {"kernel": jnp.ones((3, 4))}}, "norm_f": {"weight": jnp.ones(4)}}
+    optim = OptimSection()
+    old = optax.chain(optax.clip_by_global_norm(optim.clip_norm),
+                      optax.adamw(lr_schedule(optim.peak_lr, optim.warmup_steps, 10, optim.final_lr_fraction),
+                                  b1=optim.beta1, b2=optim.beta2, eps=optim.eps, weight_decay=optim.weight_decay,
+                                  mask=weight_decay_mask))
+    new_state, old_state = make_optimizer(optim, total_steps=10).init(params), old.init(params)
+    assert jax.tree.structure(new_state) == jax.tree.structure(old_state)
+    grads = jax.tree.map(lambda x: 3.0 * x, params)  # norm above clip_norm: the clip acts
+    new_updates, _ = make_optimizer(optim, total_steps=10).update(grads, new_state, params)
+    old_updates, _ = old.update(grads, old_state, params)
+    for got, want in zip(jax.tree.leaves(new_updates), jax.tree.leaves(old_updates)):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6)
