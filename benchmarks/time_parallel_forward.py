@@ -20,9 +20,11 @@ Importing this module registers the scan impl "pallas_tp" (options: the Pallas o
 `tile`, `tp_block_e`, `tp_num_warps`), so `scripts/benchmark.py --plugin
 benchmarks/time_parallel_forward.py --train-impls pallas,pallas_tp` checks and times it.
 
-Status: values and gradients tested against `reference` in interpret mode on CPU, and
-lowered to Triton IR for CUDA on CPU; never compiled for or timed on a GPU:
-`benchmarks/device_tp1.sh` does both.
+Status: values and gradients tested against `reference` in interpret mode on CPU, lowered
+to Triton IR for CUDA on CPU, and checked on an H100 (JAX 0.11.2). Slower than "pallas" at
+every shape and tiling timed (`device_tp1.sh`, `device_s5r2.sh`; benchmarks/NOTES.md
+section 10): Triton's scan along the tile's first axis crosses warps, and fewer warps were
+always faster. Not wired into the library.
 """
 
 from __future__ import annotations
@@ -99,8 +101,9 @@ _register_triton_lowering()
 
 class TimeParallel(NamedTuple):
     # A (tile, block_e, N) block is 4096 fp32 values at these defaults, 16 per thread on 8
-    # warps, and about six such blocks are live at once: larger tiles would spill registers
-    # (a guess to check with Nsight Compute). At B=1 for Mamba-130m: 192 programs.
+    # warps. Chosen to avoid register spills; on an H100 4 warps and 64-step tiles measured
+    # faster (NOTES section 10), so the cost is the scan across warps. At B=1 for
+    # Mamba-130m: 192 programs.
     tile: int = 32  # steps scanned at once
     block_e: int = 8  # channels per program
     num_warps: int = 8

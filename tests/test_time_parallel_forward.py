@@ -1,6 +1,7 @@
 """The time-parallel forward experiment (benchmarks/time_parallel_forward.py): values and
 gradients against the reference scan in interpret mode, and a lowering to Triton IR for
-CUDA. It is not part of the library; its GPU check and timing are benchmarks/device_tp1.sh."""
+CUDA. It is not part of the library; its GPU checks and timings are benchmarks/device_tp1.sh and
+device_s5r2.sh."""
 import functools
 import sys
 from pathlib import Path
