@@ -26,7 +26,7 @@ programs for Mamba-130m against 132 SMs on an H100), and each program then walks
 sequence alone. When the grid is smaller than `min_programs`, the sequence is split into
 S segments run in parallel. Forward: pass 1 computes each segment's end state from a zero
 start as a sum over its steps (`_segment_end_kernel`: no step depends on the one before,
-so it runs in tiles of many steps); a short `lax.scan` over segments in XLA composes those
+so it runs in tiles of many steps); an associative scan over segments in XLA composes those
 with the segments' total decay exp(A * sum(delta)) into each segment's true start state;
 pass 2 reruns the segments from those states and writes y. The backward does the same
 with the adjoint (`_segment_start_adjoint_kernel`, then the full backward kernel per
@@ -446,6 +446,20 @@ def _segment_decays(plan, delta, A, bias):
     return jnp.exp(totals[..., None] * A)
 
 
+def _segment_recurrence(decays, drives, initial, reverse=False):
+    """Every x_s of x_s = decays_s * x_{s-1} + drives_s over the segment axis (1), from
+    x_{-1} = initial (with `reverse`, from the right: x_s = decays_s * x_{s+1} + drives_s).
+
+    An associative scan, log2(S) levels of a few fused ops, rather than a `lax.scan` of S
+    dependent steps: those were three tiny kernels per segment, 4,600 per 64k prefill
+    (64 segments, 24 layers), about 6 ms of device time on an H100 (NOTES section 10).
+    """
+    first = -1 if reverse else 0
+    drives = drives.at[:, first].add(decays[:, first] * initial)
+    combine = lambda x, y: (x[0] * y[0], y[0] * x[1] + y[1])
+    return jax.lax.associative_scan(combine, (decays, drives), reverse=reverse, axis=1)[1]
+
+
 def _forward(cfg, plan, u, delta, A, B, C, h0, bias, D, z, save_states):
     """y (in u's dtype), the final state and, if `save_states`, the chunk-start states."""
     batch, length, channels = u.shape
@@ -463,14 +477,9 @@ def _forward(cfg, plan, u, delta, A, B, C, h0, bias, D, z, save_states):
         bias_arg = [bias] if plan.fusion.bias else []
         (local_ends,) = _call(kernel, [segment_state], grid, cfg, cfg.sum_num_warps, (u, delta, A, B, *bias_arg))
         decays = _segment_decays(plan, delta, A, bias)
-
-        def carry_in(h, xs):  # h: true state at the start of the segment
-            decay, local_end = xs
-            return decay * h + local_end, h
-
-        move = lambda x: jnp.swapaxes(x, 0, 1)
-        _, starts = jax.lax.scan(carry_in, h0, (move(decays), move(local_ends)))
-        starts = move(starts)
+        # The true end of segment s is decay_s * (its true start) + its end from zero.
+        true_ends = _segment_recurrence(decays[:, :-1], local_ends[:, :-1], h0)
+        starts = jnp.concatenate([h0[:, None], true_ends], axis=1)
     kernel = functools.partial(_forward_kernel, plan=plan, block_e=cfg.block_e, save_states=save_states)
     out_shape = [jax.ShapeDtypeStruct(u.shape, u.dtype), segment_state]
     out_shape += [states_shape] if save_states else []
@@ -514,16 +523,10 @@ def _backward(cfg, plan, residuals, dy, dfinal):
         local = _call(kernel, [segment_state], (batch, channels // cfg.block_e, S), cfg, cfg.sum_num_warps,
                       (delta, A, C, dy, *extras))[0]
         decays = _segment_decays(plan, raw_delta, A, bias)
-
-        def carry_back(g, xs):  # g: adjoint entering a segment from its right
-            decay, local_start = xs
-            g = decay * g + local_start  # ... and so entering the segment before it
-            return g, g
-
-        move = lambda x: jnp.swapaxes(x, 0, 1)[::-1]
-        # Segment s receives the adjoint composed from segments s+1 .. S-1.
-        _, g_ends = jax.lax.scan(carry_back, dfinal, (move(decays)[:-1], move(local)[:-1]))
-        g_ends = jnp.concatenate([jnp.swapaxes(g_ends[::-1], 0, 1), dfinal[:, None]], axis=1)
+        # The adjoint entering segment s from its right is decay_{s+1} * (the one entering
+        # segment s+1) + segment s+1's start adjoint from zero; the last receives dfinal.
+        g_ends = _segment_recurrence(decays[:, 1:], local[:, 1:], dfinal, reverse=True)
+        g_ends = jnp.concatenate([g_ends, dfinal[:, None]], axis=1)
 
     partials = lambda x: jax.ShapeDtypeStruct(
         (batch, n_blocks, length, d_state), x.dtype if cfg.bwd_partials == "input" else f32)
