@@ -42,7 +42,7 @@ states keep them at zero.
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Union
 
 import jax
 import jax.numpy as jnp
@@ -100,7 +100,10 @@ class PallasScanConfig(NamedTuple):
     # selective_scan's bias, softplus, D and gate inside the kernels, with bf16 I/O. Off by
     # default: on one H100 the fused kernels measured slower than XLA doing that work
     # around the plain kernels (training step 99k vs 108k tok/s; benchmarks/NOTES.md).
-    fuse: bool = False
+    # "delta": only the bias and softplus inside (the kernels read the raw bf16 delta, so
+    # XLA writes no fp32 (B, L, E) copy of it, the biggest XLA op per layer in a 64k
+    # prefill); D and the gate stay with XLA. Not yet timed (NOTES section 10).
+    fuse: Union[bool, str] = False
     # What the backward kernel fuses: "all"; "nogate" (all but the gate, whose chain rule
     # XLA applies from the forward's saved pre-gate output); "off" (XLA does everything
     # around the plain scan adjoint).
@@ -113,6 +116,8 @@ class PallasScanConfig(NamedTuple):
         if unknown:
             raise ValueError(f"unknown pallas scan option(s) {unknown}; valid: {list(cls._fields)}")
         config = cls(**options)
+        if config.fuse not in (False, True, "delta"):
+            raise ValueError(f"pallas scan option fuse={config.fuse!r}; choose true, false or delta")
         if config.bwd_fuse not in ("all", "nogate", "off"):
             raise ValueError(f"pallas scan option bwd_fuse={config.bwd_fuse!r}; choose all, nogate or off")
         if config.bwd_partials not in ("input", "float32"):
@@ -668,7 +673,8 @@ def pallas_selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, de
     u's dtype, so no fp32 (B, L, E) copy of them is made. Masked positions get u = 0 and a
     delta of exactly 0, as in `selective_scan`.
     """
-    if not PallasScanConfig.from_options(**options).fuse:  # XLA does the work around the kernels
+    fuse = PallasScanConfig.from_options(**options).fuse
+    if not fuse:  # XLA does the work around the kernels
         from biomamba_jax.scan import _finish_output, _prepare_delta
 
         delta32 = _prepare_delta(delta, delta_bias, delta_softplus, mask)
@@ -683,8 +689,9 @@ def pallas_selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, de
         # delta of -inf; without one, no raw value gives 0 after each channel's bias in the
         # kernel, so the bias is added here, before masking and padding.
         delta, delta_bias = delta.astype(f32) + delta_bias.astype(f32), None
+    delta_only = fuse == "delta"  # D and the gate are then applied by XLA, after the kernels
     fusion = _Fusion(bias=delta_bias is not None, softplus=bool(delta_softplus),
-                     skip=D is not None, gate=z is not None)
+                     skip=D is not None and not delta_only, gate=z is not None and not delta_only)
     if mask is not None:
         keep = mask[..., None].astype(bool)
         u = jnp.where(keep, u, jnp.zeros((), u.dtype))
@@ -692,6 +699,11 @@ def pallas_selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, de
         delta = jnp.where(keep, delta, jnp.asarray(off, delta.dtype))
     h0 = _initial_state(initial_state, *u.shape[::2], A.shape[-1])
     as_f32 = lambda x: None if x is None else x.astype(f32)
+    if delta_only:
+        from biomamba_jax.scan import _finish_output
+
+        y, final = _run(u, delta, A.astype(f32), B, C, h0, as_f32(delta_bias), None, None, fusion, options)
+        return _finish_output(y, u.astype(f32), D, z, u.dtype), final
     return _run(u, delta, A.astype(f32), B, C, h0, as_f32(delta_bias), as_f32(D), z, fusion, options)
 
 

@@ -153,7 +153,8 @@ def test_pallas_forward_and_backward_segment_independently(segments, bwd_segment
     "dtype,tolerance,fusion",
     [(jnp.float32, 1e-5, "fuse=false"), (jnp.bfloat16, 2e-2, "fuse=false"),
      (jnp.float32, 1e-5, "fuse=true:bwd_fuse=all"), (jnp.float32, 1e-5, "fuse=true:bwd_fuse=nogate"),
-     (jnp.float32, 1e-5, "fuse=true:bwd_fuse=off"), (jnp.bfloat16, 2e-2, "fuse=true:bwd_fuse=nogate")],
+     (jnp.float32, 1e-5, "fuse=true:bwd_fuse=off"), (jnp.bfloat16, 2e-2, "fuse=true:bwd_fuse=nogate"),
+     (jnp.float32, 1e-5, "fuse=delta"), (jnp.bfloat16, 2e-2, "fuse=delta")],
 )
 def test_segmented_selective_scan_with_mask_matches_reference(dtype, tolerance, fusion):
     """selective_scan through the kernels with segments and a mask, in fp32 and bf16: XLA
@@ -189,7 +190,8 @@ def test_segmented_selective_scan_with_mask_matches_reference(dtype, tolerance, 
         assert rel_err(g, g_ref) < tolerance, name
 
 
-@pytest.mark.parametrize("impl", ["pallas:chunk=4", "pallas:chunk=4:fuse=true", "chunked:chunk=4"])
+@pytest.mark.parametrize("impl", ["pallas:chunk=4", "pallas:chunk=4:fuse=true", "pallas:chunk=4:fuse=delta",
+                                  "chunked:chunk=4"])
 def test_bias_without_softplus_leaves_padded_and_masked_steps_alone(impl):
     """A dt bias without the softplus: padded steps (13 is not a multiple of the chunk) and
     masked steps must leave the state alone, as in the reference, in values and gradients."""
@@ -225,6 +227,8 @@ def test_impl_string_options_and_errors():
         parse_scan_impl("pallas:blocke=32")
     with pytest.raises(ValueError, match="takes key=value options from \\[\\]"):
         parse_scan_impl("associative:chunk=4")
+    with pytest.raises(ValueError, match="fuse='gate'; choose true, false or delta"):
+        PallasScanConfig.from_options(fuse="gate")
     with pytest.raises(ValueError, match="bwd_fuse='some'; choose all, nogate or off"):
         PallasScanConfig.from_options(bwd_fuse="some")
     # Every value of a string option must survive the impl string ("none" would become None).
@@ -258,6 +262,7 @@ def test_default_pallas_leaves_bias_softplus_skip_and_gate_to_xla(monkeypatch):
     selective_scan(*x[:5], **extras, impl="pallas")
     assert len(calls) == 1
     selective_scan(*x[:5], **extras, impl="pallas:fuse=true")
+    selective_scan(*x[:5], **extras, impl="pallas:fuse=delta")
     assert len(calls) == 1
 
     # bf16 activations reach the plain kernels as they are, with no fp32 copy made first.
@@ -333,3 +338,22 @@ def test_segment_recurrence_is_the_step_by_step_composition(segments, reverse):
         x = decays[:, s] * x + drives[:, s]
         expected[s] = x
     assert rel_err(_segment_recurrence(decays, drives, initial, reverse), jnp.stack(expected, axis=1)) < 1e-6
+
+
+def test_fuse_delta_puts_only_bias_and_softplus_in_the_kernels(monkeypatch):
+    """fuse=delta: the kernels get the raw delta with the bias and softplus to apply, and
+    no D or gate; fuse=true gives them all four."""
+    import biomamba_jax.scan_pallas as scan_pallas
+    from biomamba_jax.scan import selective_scan
+
+    fusions = []
+    run = scan_pallas._run
+    monkeypatch.setattr(scan_pallas, "_run", lambda *a, **k: fusions.append((a[6:9], a[9])) or run(*a, **k))
+    x = inputs(0, 1, 6, 4, 2)
+    extras = dict(D=jnp.ones(4), z=x[0], delta_bias=jnp.zeros(4), delta_softplus=True)
+    for fuse in ("delta", "true"):
+        selective_scan(*x[:5], **extras, impl=f"pallas:fuse={fuse}")
+    (delta_args, delta_fusion), (all_args, all_fusion) = fusions
+    assert delta_fusion == scan_pallas._Fusion(bias=True, softplus=True, skip=False, gate=False)
+    assert delta_args[0] is not None and delta_args[1:] == (None, None)  # bias in; D, z not
+    assert all_fusion == scan_pallas._Fusion(True, True, True, True) and None not in all_args
