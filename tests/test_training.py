@@ -171,3 +171,25 @@ def test_optimizer_state_layout_is_unchanged_so_old_checkpoints_resume():
     old_updates, _ = old.update(grads, old_state, params)
     for got, want in zip(jax.tree.leaves(new_updates), jax.tree.leaves(old_updates)):
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6)
+
+
+def test_train_step_takes_an_optimizer_without_extra_arguments():
+    """make_train_step passes its gradient norm to the optimizer; a plain optax
+    GradientTransformation (no **extra_args) must still work."""
+    from flax import nnx
+
+    from biomamba_jax.config import MambaConfig
+    from biomamba_jax.model import MambaLM
+    from biomamba_jax.pretrained import model_params
+    from biomamba_jax.training import TrainState, make_train_step
+
+    model = MambaLM(MambaConfig.preset("tiny", vocab_size=64), rngs=nnx.Rngs(0))
+    params = model_params(model)
+    sgd = optax.scale(-0.1)
+    plain = optax.GradientTransformation(sgd.init, lambda updates, state, params=None: sgd.update(updates, state))
+    state = TrainState(params, plain.init(params), np.int32(0), np.zeros(2, np.uint32))
+    tokens = np.random.RandomState(0).randint(0, 64, (1, 2, 9)).astype(np.int32)
+    new_state, metrics = jax.jit(make_train_step(nnx.graphdef(model), plain))(state, {"tokens": tokens})
+    assert int(metrics["skipped"]) == 0 and np.isfinite(float(metrics["grad_norm"]))
+    changed = [not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(new_state.params), jax.tree.leaves(params))]
+    assert any(changed)
