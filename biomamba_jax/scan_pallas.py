@@ -699,12 +699,13 @@ def pallas_selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, de
         delta = jnp.where(keep, delta, jnp.asarray(off, delta.dtype))
     h0 = _initial_state(initial_state, *u.shape[::2], A.shape[-1])
     as_f32 = lambda x: None if x is None else x.astype(f32)
+    kernel_D, kernel_z = (None, None) if delta_only else (as_f32(D), z)
+    y, final = _run(u, delta, A.astype(f32), B, C, h0, as_f32(delta_bias), kernel_D, kernel_z, fusion, options)
     if delta_only:
         from biomamba_jax.scan import _finish_output
 
-        y, final = _run(u, delta, A.astype(f32), B, C, h0, as_f32(delta_bias), None, None, fusion, options)
-        return _finish_output(y, u.astype(f32), D, z, u.dtype), final
-    return _run(u, delta, A.astype(f32), B, C, h0, as_f32(delta_bias), as_f32(D), z, fusion, options)
+        y = _finish_output(y, u.astype(f32), D, z, u.dtype)
+    return y, final
 
 
 # Measured faster than "chunked" and "associative" on H100 (benchmarks/NOTES.md).
