@@ -42,6 +42,7 @@ states keep them at zero.
 from __future__ import annotations
 
 import functools
+import math
 from typing import NamedTuple, Optional, Union
 
 import jax
@@ -55,6 +56,12 @@ from biomamba_jax.scan import SCAN_RESIDUAL_NAMES, register_scan_impl
 __all__ = ["pallas_scan", "pallas_selective_scan", "PallasScanConfig"]
 
 f32 = jnp.float32
+
+
+_INT_OPTIONS = ("chunk", "block_e", "num_warps", "bwd_block_e", "bwd_num_warps", "min_programs", "target_programs",
+                "max_segment_length", "min_segment_length", "segments", "bwd_segments", "sum_tile", "sum_num_warps")
+_BOOL_OPTIONS = ("approx_math", "interpret")
+_OPTIONAL = ("bwd_block_e", "bwd_num_warps", "segments", "bwd_segments", "interpret")  # None allowed
 
 
 class PallasScanConfig(NamedTuple):
@@ -108,6 +115,10 @@ class PallasScanConfig(NamedTuple):
     # XLA applies from the forward's saved pre-gate output); "off" (XLA does everything
     # around the plain scan adjoint).
     bwd_fuse: str = "nogate"
+    # The kernels' exp (and fused softplus) on the GPU's approximate MUFU instructions, as
+    # mamba_ssm's kernels are compiled (--use_fast_math); false: libdevice's exact ones.
+    # Ignored by the interpreter, which always computes exactly.
+    approx_math: bool = True
     interpret: Optional[bool] = None  # None: interpret unless the backend is GPU
 
     @classmethod
@@ -116,6 +127,17 @@ class PallasScanConfig(NamedTuple):
         if unknown:
             raise ValueError(f"unknown pallas scan option(s) {unknown}; valid: {list(cls._fields)}")
         config = cls(**options)
+        for name in cls._fields:  # impl strings carry text: catch "16,a" or a typo'd bool
+            value = getattr(config, name)
+            if name in _INT_OPTIONS:
+                ok, wanted = type(value) is int or (value is None and name in _OPTIONAL), "a whole number"
+            elif name in _BOOL_OPTIONS:
+                ok, wanted = type(value) is bool or (value is None and name in _OPTIONAL), "true or false"
+            else:
+                continue
+            if not ok:
+                raise ValueError(f"pallas scan option {name}={value!r}: give {wanted} (options are separated"
+                                 " by ':', as in pallas:block_e=32:chunk=8)")
         if config.fuse not in (False, True, "delta"):
             raise ValueError(f"pallas scan option fuse={config.fuse!r}; choose true, false or delta")
         if config.bwd_fuse not in ("all", "nogate", "off"):
@@ -147,6 +169,7 @@ class _Plan(NamedTuple):
     bwd_segments: int  # ... and what the backward's kernels split it into
     fusion: _Fusion  # forward kernel
     bwd_fusion: _Fusion  # backward kernel: a subset of `fusion`
+    approx_math: bool = False  # kernels use the GPU's approximate ex2 and lg2 (see `_exp`)
 
     @property
     def chunks_per_segment(self) -> int:
@@ -170,11 +193,40 @@ def _sigmoid(x):
     return 1.0 / (1.0 + jnp.exp(-x))
 
 
-def _delta(raw, bias, fusion):
+_LOG2_E = math.log2(math.e)
+
+
+def _approx(instruction, x):
+    from jax.experimental.pallas import triton as plgpu
+
+    (result,) = plgpu.elementwise_inline_asm(
+        f"{instruction}.approx.ftz.f32 $0, $1;", args=[x], constraints="=f,f", pack=1,
+        result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, x.dtype)])
+    return result
+
+
+def _exp_rate(A, plan):
+    """A in the unit `_exp` takes: an exponent delta * _exp_rate(A) gives exp(delta * A)."""
+    return A * _LOG2_E if plan.approx_math else A
+
+
+def _exp(x, plan):
+    """exp of an exponent built with `_exp_rate`. On the GPU this is one PTX ex2.approx
+    (the MUFU unit, as mamba_ssm's exp2f under --use_fast_math, relative error ~2^-22),
+    with log2(e) folded into A once per program: Pallas lowers jnp.exp to libdevice's
+    __nv_expf, several more instructions per element of the kernels' hottest line. The
+    interpreter (CPU tests) keeps jnp.exp."""
+    return _approx("ex2", x) if plan.approx_math else jnp.exp(x)
+
+
+def _delta(raw, bias, fusion, approx_math=False):
     """The delta the recurrence uses, from the raw kernel input (fp32, in registers)."""
     x = raw + bias if fusion.bias else raw
     if fusion.softplus:  # mamba_ssm's threshold: softplus(x) = x above 20
-        x = jnp.where(x > 20.0, x, jnp.log1p(jnp.exp(x)))
+        if approx_math:  # log(1 + e^x) as ln2 * lg2(1 + 2^(x log2 e)): libdevice's log1pf is long
+            x = jnp.where(x > 20.0, x, _approx("lg2", 1.0 + _approx("ex2", x * _LOG2_E)) / _LOG2_E)
+        else:
+            x = jnp.where(x > 20.0, x, jnp.log1p(jnp.exp(x)))
     return x
 
 
@@ -239,7 +291,7 @@ def _forward_kernel(*refs, plan, block_e, save_states):
     pre_gate_ref = r.take(save_pre_gate)
 
     b, _, segment, channels, first, last = _program(plan, block_e)
-    A = A_ref[channels, :]  # (E_blk, N)
+    rate = _exp_rate(A_ref[channels, :], plan)  # (E_blk, N)
     bias = bias_ref[channels] if fusion.bias else None
     D = D_ref[channels] if fusion.skip else None
     data = (u_ref, delta_ref, B_ref, C_ref, z_ref, None)
@@ -252,8 +304,8 @@ def _forward_kernel(*refs, plan, block_e, save_states):
         if save_states:
             states_ref[b, c, channels, :] = h
         for i, (u, raw, Bt, Ct, z, _) in enumerate(rows):
-            delta = _delta(raw, bias, fusion)
-            h = jnp.exp(delta[:, None] * A) * h + (delta * u)[:, None] * Bt[None, :]
+            delta = _delta(raw, bias, fusion, plan.approx_math)
+            h = _exp(delta[:, None] * rate, plan) * h + (delta * u)[:, None] * Bt[None, :]
             y = jnp.sum(h * Ct[None, :], axis=1)
             if fusion.skip:
                 y = y + D * u
@@ -280,6 +332,7 @@ def _backward_kernel(*refs, plan, block_e):
 
     b, block, segment, channels, first, last = _program(plan, block_e)
     A = A_ref[channels, :]
+    rate = _exp_rate(A, plan)
     bias = bias_ref[channels] if fusion.bias else None
     D = D_ref[channels] if fusion.skip else None
     data = (u_ref, delta_ref, B_ref, C_ref, z_ref, dy_ref)
@@ -296,8 +349,8 @@ def _backward_kernel(*refs, plan, block_e):
         # measured slower (benchmarks/NOTES.md, section 8).
         upcoming = load(jnp.maximum(c - 1, first))
         # Recompute the chunk: states[i] is the state before step i, decays[i] its decay.
-        deltas = [_delta(row[1], bias, fusion) for row in rows]
-        decays = [jnp.exp(d[:, None] * A) for d in deltas]
+        deltas = [_delta(row[1], bias, fusion, plan.approx_math) for row in rows]
+        decays = [_exp(d[:, None] * rate, plan) for d in deltas]
         states = [h_start]
         for (u, _, Bt, _, _, _), delta, decay in zip(rows, deltas, decays):
             states.append(decay * states[-1] + (delta * u)[:, None] * Bt[None, :])
@@ -366,22 +419,22 @@ def _segment_end_kernel(*refs, plan, block_e, tile):
     h_end_ref = r.take()
 
     b, _, segment, channels, first, _ = _program(plan, block_e)
-    A = A_ref[channels, :]
+    rate = _exp_rate(A_ref[channels, :], plan)
     bias = bias_ref[channels] if fusion.bias else None
     tiles = plan.chunks_per_segment * plan.chunk // tile
 
     def one_tile(k, carry):
         h, after = carry  # after: delta summed over the segment's steps after this tile
         steps = pl.ds((first * plan.chunk) + (tiles - 1 - k) * tile, tile)
-        delta = _delta(delta_ref[b, steps, channels].astype(f32), bias, fusion)  # (T, E_blk)
+        delta = _delta(delta_ref[b, steps, channels].astype(f32), bias, fusion, plan.approx_math)  # (T, E_blk)
         drive = delta * u_ref[b, steps, channels].astype(f32)
         Bt = B_ref[b, steps, :].astype(f32)  # (T, N)
         total = jnp.sum(delta, axis=0)
         later = after[None, :] + (total[None, :] - jnp.cumsum(delta, axis=0))
-        terms = jnp.exp(later[:, :, None] * A[None]) * drive[:, :, None] * Bt[:, None, :]
+        terms = _exp(later[:, :, None] * rate[None], plan) * drive[:, :, None] * Bt[:, None, :]
         return h + jnp.sum(terms, axis=0), after + total
 
-    zeros = jnp.zeros((block_e, A.shape[-1]), f32), jnp.zeros((block_e,), f32)
+    zeros = jnp.zeros(rate.shape, f32), jnp.zeros((block_e,), f32)
     h, _ = jax.lax.fori_loop(0, tiles, one_tile, zeros)
     h_end_ref[b, segment, channels, :] = h
 
@@ -398,24 +451,24 @@ def _segment_start_adjoint_kernel(*refs, plan, block_e, tile):
     g_start_ref = r.take()
 
     b, _, segment, channels, first, _ = _program(plan, block_e)
-    A = A_ref[channels, :]
+    rate = _exp_rate(A_ref[channels, :], plan)
     bias = bias_ref[channels] if fusion.bias else None
     tiles = plan.chunks_per_segment * plan.chunk // tile
 
     def one_tile(k, carry):
         g, before = carry  # before: delta summed over the segment's steps before this tile
         steps = pl.ds(first * plan.chunk + k * tile, tile)
-        delta = _delta(delta_ref[b, steps, channels].astype(f32), bias, fusion)
+        delta = _delta(delta_ref[b, steps, channels].astype(f32), bias, fusion, plan.approx_math)
         dy = dy_ref[b, steps, channels].astype(f32)
         if fusion.gate:
             z = z_ref[b, steps, channels].astype(f32)
             dy = dy * z * _sigmoid(z)
         Ct = C_ref[b, steps, :].astype(f32)
         upto = before[None, :] + jnp.cumsum(delta, axis=0)
-        terms = jnp.exp(upto[:, :, None] * A[None]) * dy[:, :, None] * Ct[:, None, :]
+        terms = _exp(upto[:, :, None] * rate[None], plan) * dy[:, :, None] * Ct[:, None, :]
         return g + jnp.sum(terms, axis=0), before + jnp.sum(delta, axis=0)
 
-    zeros = jnp.zeros((block_e, A.shape[-1]), f32), jnp.zeros((block_e,), f32)
+    zeros = jnp.zeros(rate.shape, f32), jnp.zeros((block_e,), f32)
     g, _ = jax.lax.fori_loop(0, tiles, one_tile, zeros)
     g_start_ref[b, segment, channels, :] = g
 
@@ -630,7 +683,8 @@ def _run(u, delta, A, B, C, h0, bias, D, z, fusion, options, scan=None, length_m
     steps = max(max(segments, bwd_segments) * cfg.chunk, length_multiple)  # all powers of two
     padded_l = -(-length // steps) * steps
     bwd_fusion = {"all": fusion, "nogate": fusion._replace(gate=False), "off": _Fusion()}[cfg.bwd_fuse]
-    plan = _Plan(cfg.chunk, padded_l // cfg.chunk, segments, bwd_segments, fusion, bwd_fusion)
+    plan = _Plan(cfg.chunk, padded_l // cfg.chunk, segments, bwd_segments, fusion, bwd_fusion,
+                 approx_math=cfg.approx_math and not _interpret(cfg))
     padded_n = _next_pow2(d_state)
     de, dn, dl = padded_e - channels, padded_n - d_state, padded_l - length
 

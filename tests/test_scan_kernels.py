@@ -231,6 +231,12 @@ def test_impl_string_options_and_errors():
         PallasScanConfig.from_options(fuse="gate")
     with pytest.raises(ValueError, match="bwd_fuse='some'; choose all, nogate or off"):
         PallasScanConfig.from_options(bwd_fuse="some")
+    # Values of the wrong kind (here from a comma where ':' belongs) fail, naming the option.
+    for impl, option in (("pallas:interpret=false,segments=2", "interpret"), ("pallas:block_e=16,chunk=4", "block_e"),
+                         ("pallas:approx_math=yes", "approx_math"), ("pallas:segments=true", "segments")):
+        with pytest.raises(ValueError, match=f"option {option}=.*separated by ':'"):
+            PallasScanConfig.from_options(**parse_scan_impl(impl)[1])
+    assert PallasScanConfig.from_options(**parse_scan_impl("pallas:segments=none:interpret=none")[1]).segments is None
     # Every value of a string option must survive the impl string ("none" would become None).
     for value in ("all", "nogate", "off"):
         assert PallasScanConfig.from_options(**parse_scan_impl(f"pallas:bwd_fuse={value}")[1]).bwd_fuse == value
@@ -357,3 +363,27 @@ def test_fuse_delta_puts_only_bias_and_softplus_in_the_kernels(monkeypatch):
     assert delta_fusion == scan_pallas._Fusion(bias=True, softplus=True, skip=False, gate=False)
     assert delta_args[0] is not None and delta_args[1:] == (None, None)  # bias in; D, z not
     assert all_fusion == scan_pallas._Fusion(True, True, True, True) and None not in all_args
+
+
+@pytest.mark.parametrize("options, approx", [({}, True), ({"approx_math": False}, False)])
+def test_gpu_kernels_take_the_approximate_exp_unless_told_not_to(options, approx):
+    """For CUDA, the kernels' exp is PTX ex2.approx (libdevice's __nv_expf with
+    approx_math=false), in every kernel of a segmented forward and backward; the fused
+    softplus takes lg2.approx. The interpreter ignores the option."""
+    from biomamba_jax.scan import selective_scan
+    from biomamba_jax.scan_pallas import _Plan, _interpret
+
+    x = inputs(0, 1, 64, 16, 16)
+    extras = dict(delta_bias=jnp.zeros(16), delta_softplus=True)
+    for fuse, kernels in (("false", 4), ("delta", 4)):
+        impl = ":".join([f"pallas:interpret=false:segments=2:fuse={fuse}"] + [f"{k}={v}" for k, v in options.items()])
+        loss = lambda *a: jnp.sum(selective_scan(*a, **extras, impl=impl)[0] ** 2)
+        text = jax.jit(jax.grad(loss, argnums=(0, 1))).trace(*x[:5]).lower(lowering_platforms=("cuda",)).as_text()
+        assert text.count("xla.gpu.triton") == kernels
+        assert text.count("ex2.approx") == (kernels if approx else 0)
+        if approx:  # fuse=delta's backward keeps libdevice for the softplus gradient (a sigmoid)
+            assert text.count("__nv_expf") == (fuse == "delta")
+        else:
+            assert text.count("__nv_expf") >= kernels
+        assert text.count("lg2.approx") == (kernels if approx and fuse == "delta" else 0)
+    assert _interpret(PallasScanConfig()) or _Plan(8, 1, 1, 1, None, None).approx_math is False
