@@ -61,12 +61,17 @@ f32 = jnp.float32
 _INT_OPTIONS = ("chunk", "block_e", "num_warps", "bwd_block_e", "bwd_num_warps", "min_programs", "target_programs",
                 "max_segment_length", "min_segment_length", "segments", "bwd_segments", "sum_tile", "sum_num_warps")
 _BOOL_OPTIONS = ("approx_math", "interpret")
-_OPTIONAL = ("bwd_block_e", "bwd_num_warps", "segments", "bwd_segments", "interpret")  # None allowed
+_OPTIONAL = ("block_e", "bwd_block_e", "bwd_num_warps", "segments", "bwd_segments", "sum_tile", "interpret")  # None allowed
 
 
 class PallasScanConfig(NamedTuple):
     chunk: int = 8  # steps unrolled per loop iteration; state saved at chunk starts
-    block_e: int = 16  # channels per program (forward)
+    # Channels per program of the forward. None picks by measurement on one H100 with the
+    # approximate exp (benchmarks/NOTES.md, section 11): 16 when the grid is full without
+    # segments (training step at B=8, L=2k: 156,675 against 151,322 tok/s for 32), 32 when
+    # the sequence is split into segments (prefill B=1 L=8k: 596,495 against 548,216;
+    # training at B=1, L=16k: 147,080 against 144,954).
+    block_e: Optional[int] = None
     num_warps: int = 2
     # The backward holds more per step (recomputed states, decays, adjoint) and runs out of
     # registers first, so it takes fewer channels per program, on one warp. None picks by
@@ -101,8 +106,11 @@ class PallasScanConfig(NamedTuple):
     # tiles of `sum_tile` steps with no step-to-step dependency. Measured on H100 against
     # running the recurrence step by step (benchmarks/NOTES.md, section 9): prefill B=1
     # L=8k 437k vs 410k tok/s; one layer's scan fwd+bwd at B=2 L=8k 3.29 vs 3.59 ms
-    # (16-step tiles), B=1 L=16k 3.30 vs 3.35 ms.
-    sum_tile: int = 32
+    # (16-step tiles), B=1 L=16k 3.30 vs 3.35 ms. None: 512 elements per channel-state
+    # pair and tile, 32 steps at 16 channels per program, 16 at 32, each the better of the
+    # two on one H100 (sections 9 and 11: prefill B=1 L=64k at 32 channels, 731,514 tok/s
+    # for 16-step tiles against 705,179 for 32).
+    sum_tile: Optional[int] = None
     sum_num_warps: int = 4
     # selective_scan's bias, softplus, D and gate inside the kernels, with bf16 I/O. Off by
     # default: on one H100 the fused kernels measured slower than XLA doing that work
@@ -659,13 +667,16 @@ def _segment_count(cfg: PallasScanConfig, programs: int, length: int) -> int:
 def _tiling(cfg: PallasScanConfig, batch: int, length: int, channels: int):
     """Clamp the config to the shape and pick the forward's and the backward's segment
     counts: (cfg, segments, bwd_segments)."""
-    block_e = min(cfg.block_e, _next_pow2(channels))
+    programs = lambda block_e: batch * -(-channels // block_e)
+    block_e = cfg.block_e or (16 if programs(16) >= cfg.min_programs else 32)
+    block_e = min(block_e, _next_pow2(channels))
     chunk = max(1, min(cfg.chunk, length))
-    segments = cfg.segments or _segment_count(cfg, batch * -(-channels // block_e), length)
+    segments = cfg.segments or _segment_count(cfg, programs(block_e), length)
     bwd_segments = cfg.bwd_segments or segments
     bwd_block_e = cfg.bwd_block_e or (8 if bwd_segments > 1 else 4)
     bwd_block_e = min(bwd_block_e, _next_pow2(channels))
-    cfg = cfg._replace(block_e=block_e, bwd_block_e=bwd_block_e, chunk=chunk)
+    sum_tile = cfg.sum_tile or max(1, 512 // block_e)
+    cfg = cfg._replace(block_e=block_e, bwd_block_e=bwd_block_e, chunk=chunk, sum_tile=sum_tile)
     return cfg, segments, bwd_segments
 
 

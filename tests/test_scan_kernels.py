@@ -96,8 +96,11 @@ SEGMENTED = dict(chunk=4, block_e=8, min_programs=64, target_programs=64, min_se
 def test_segment_count_fills_the_grid_and_respects_the_minimum_length():
     from biomamba_jax.scan_pallas import _tiling
 
-    # Mamba-130m at batch 1: 96 programs, so an 8k prompt runs as 8 segments of 1024 steps.
-    assert _tiling(PallasScanConfig(), 1, 8192, 1536)[1] == 8
+    # Mamba-130m at batch 1: 48 programs of 32 channels, so an 8k prompt runs as 16
+    # segments of 512 steps (the shortest allowed), a 64k one as 64 of 1024.
+    assert _tiling(PallasScanConfig(), 1, 8192, 1536)[1] == 16
+    assert _tiling(PallasScanConfig(), 1, 65536, 1536)[1] == 64
+    assert _tiling(PallasScanConfig(block_e=16), 1, 8192, 1536)[1] == 8  # 96 programs
     assert _tiling(PallasScanConfig(), 1, 16384, 1536)[1] == 16  # no segment over 1024 steps
     assert _tiling(PallasScanConfig(), 8, 2048, 1536)[1] == 1  # training grid is full already
     assert _tiling(PallasScanConfig(), 8, 16384, 1536)[1] == 1  # ... at any length
@@ -105,6 +108,13 @@ def test_segment_count_fills_the_grid_and_respects_the_minimum_length():
     assert _tiling(PallasScanConfig(), 2, 8192, 1536)[1] == 8  # 192 programs: split
     assert _tiling(PallasScanConfig(), 1, 600, 1536)[1] == 1  # too short to split
     assert _tiling(PallasScanConfig(**SEGMENTED), 1, 70, 12)[1] == 8
+    # The forward's channels per program (and the sum kernels' tile): 16 (32 steps) for a
+    # grid full without segments, 32 (16 steps) when segmented, or as set.
+    tilings = {(b, l): _tiling(PallasScanConfig(), b, l, 1536)[0] for b, l in ((8, 2048), (4, 4096), (2, 8192))}
+    assert [(c.block_e, c.sum_tile) for c in tilings.values()] == [(16, 32), (16, 32), (32, 16)]
+    tiling = lambda cfg, *shape: (lambda c: (c.block_e, c.sum_tile))(_tiling(cfg, *shape)[0])
+    assert tiling(PallasScanConfig(block_e=64, sum_tile=4), 1, 8192, 1536) == (64, 4)
+    assert tiling(PallasScanConfig(), 1, 8192, 4) == (4, 128)  # clamped to the channels
     # The backward's channels per program: 4 for a full grid, 8 when segmented, as set.
     assert _tiling(PallasScanConfig(), 8, 2048, 1536)[0].bwd_block_e == 4
     assert _tiling(PallasScanConfig(), 1, 16384, 1536)[0].bwd_block_e == 8
