@@ -197,10 +197,6 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
-def _sigmoid(x):
-    return 1.0 / (1.0 + jnp.exp(-x))
-
-
 _LOG2_E = math.log2(math.e)
 
 
@@ -211,6 +207,11 @@ def _approx(instruction, x):
         f"{instruction}.approx.ftz.f32 $0, $1;", args=[x], constraints="=f,f", pack=1,
         result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, x.dtype)])
     return result
+
+
+def _sigmoid(x, approx_math=False):
+    e = _approx("ex2", x * -_LOG2_E) if approx_math else jnp.exp(-x)
+    return 1.0 / (1.0 + e)
 
 
 def _exp_rate(A, plan):
@@ -238,9 +239,9 @@ def _delta(raw, bias, fusion, approx_math=False):
     return x
 
 
-def _softplus_grad(raw, bias, fusion):
+def _softplus_grad(raw, bias, fusion, approx_math=False):
     x = raw + bias if fusion.bias else raw
-    return jnp.where(x > 20.0, 1.0, _sigmoid(x))
+    return jnp.where(x > 20.0, 1.0, _sigmoid(x, approx_math))
 
 
 class _Refs:
@@ -320,7 +321,7 @@ def _forward_kernel(*refs, plan, block_e, save_states):
             if save_pre_gate:
                 pre_gate_ref[b, c * chunk + i, channels] = y
             if fusion.gate:
-                y = y * z * _sigmoid(z)
+                y = y * z * _sigmoid(z, plan.approx_math)
             y_ref[b, c * chunk + i, channels] = y.astype(y_ref.dtype)
         return h, upcoming
 
@@ -367,7 +368,7 @@ def _backward_kernel(*refs, plan, block_e):
             u, raw, Bt, Ct, z, dy = rows[i]
             delta, decay = deltas[i], decays[i]
             if fusion.gate:
-                sig = _sigmoid(z)
+                sig = _sigmoid(z, plan.approx_math)
                 out = jnp.sum(states[i + 1] * Ct[None, :], axis=1)
                 if fusion.skip:
                     out = out + D * u
@@ -384,7 +385,7 @@ def _backward_kernel(*refs, plan, block_e):
                 du = du + dy * D
                 dD = dD + dy * u
             if fusion.softplus:
-                ddelta = ddelta * _softplus_grad(raw, bias, fusion)
+                ddelta = ddelta * _softplus_grad(raw, bias, fusion, plan.approx_math)
             if fusion.bias:
                 dbias = dbias + ddelta
             ddelta_ref[b, t, channels] = ddelta.astype(ddelta_ref.dtype)
@@ -470,7 +471,7 @@ def _segment_start_adjoint_kernel(*refs, plan, block_e, tile):
         dy = dy_ref[b, steps, channels].astype(f32)
         if fusion.gate:
             z = z_ref[b, steps, channels].astype(f32)
-            dy = dy * z * _sigmoid(z)
+            dy = dy * z * _sigmoid(z, plan.approx_math)
         Ct = C_ref[b, steps, :].astype(f32)
         upto = before[None, :] + jnp.cumsum(delta, axis=0)
         terms = _exp(upto[:, :, None] * rate[None], plan) * dy[:, :, None] * Ct[:, None, :]

@@ -378,22 +378,20 @@ def test_fuse_delta_puts_only_bias_and_softplus_in_the_kernels(monkeypatch):
 @pytest.mark.parametrize("options, approx", [({}, True), ({"approx_math": False}, False)])
 def test_gpu_kernels_take_the_approximate_exp_unless_told_not_to(options, approx):
     """For CUDA, the kernels' exp is PTX ex2.approx (libdevice's __nv_expf with
-    approx_math=false), in every kernel of a segmented forward and backward; the fused
-    softplus takes lg2.approx. The interpreter ignores the option."""
+    approx_math=false), in every kernel of a segmented forward and backward, the fused
+    softplus and sigmoid included; the softplus takes lg2.approx. The interpreter ignores
+    the option."""
     from biomamba_jax.scan import selective_scan
     from biomamba_jax.scan_pallas import _Plan, _interpret
 
     x = inputs(0, 1, 64, 16, 16)
     extras = dict(delta_bias=jnp.zeros(16), delta_softplus=True)
-    for fuse, kernels in (("false", 4), ("delta", 4)):
+    for fuse, kernels in (("false", 4), ("delta", 4), ("true", 4)):
         impl = ":".join([f"pallas:interpret=false:segments=2:fuse={fuse}"] + [f"{k}={v}" for k, v in options.items()])
         loss = lambda *a: jnp.sum(selective_scan(*a, **extras, impl=impl)[0] ** 2)
         text = jax.jit(jax.grad(loss, argnums=(0, 1))).trace(*x[:5]).lower(lowering_platforms=("cuda",)).as_text()
         assert text.count("xla.gpu.triton") == kernels
         assert text.count("ex2.approx") == (kernels if approx else 0)
-        if approx:  # fuse=delta's backward keeps libdevice for the softplus gradient (a sigmoid)
-            assert text.count("__nv_expf") == (fuse == "delta")
-        else:
-            assert text.count("__nv_expf") >= kernels
-        assert text.count("lg2.approx") == (kernels if approx and fuse == "delta" else 0)
+        assert (text.count("__nv_expf") == 0) == approx
+        assert text.count("lg2.approx") == (kernels if approx and fuse != "false" else 0)
     assert _interpret(PallasScanConfig()) or _Plan(8, 1, 1, 1, None, None).approx_math is False
