@@ -13,8 +13,9 @@ the compute dtype (bf16 in training) and do the dt bias, softplus, D skip and Si
 registers, so none of those (B, L, E) fp32 intermediates goes through HBM; y is written
 in the compute dtype. The backward writes du, d(raw delta) and dz in their dtypes and
 per-row partial sums of dD and the dt bias gradient (or leaves part of that to XLA, see
-`bwd_fuse`). On one H100 every fused variant measured slower than the default, where XLA
-does that elementwise work around the plain kernels (benchmarks/NOTES.md, section 7).
+`bwd_fuse`). On one H100 (benchmarks/NOTES.md, section 11) fuse=true trains 2-3% faster
+than the default, where XLA does that elementwise work around the plain kernels, but
+prefills 7% slower; the default stays unfused.
 
 Backward kernel (`jax.custom_vjp`): the same grid, walking chunks in reverse. It reloads
 a chunk's saved start state, recomputes the chunk's states and decays in registers, then
@@ -112,12 +113,13 @@ class PallasScanConfig(NamedTuple):
     # for 16-step tiles against 705,179 for 32).
     sum_tile: Optional[int] = None
     sum_num_warps: int = 4
-    # selective_scan's bias, softplus, D and gate inside the kernels, with bf16 I/O. Off by
-    # default: on one H100 the fused kernels measured slower than XLA doing that work
-    # around the plain kernels (training step 99k vs 108k tok/s; benchmarks/NOTES.md).
+    # selective_scan's bias, softplus, D and gate inside the kernels, with bf16 I/O.
     # "delta": only the bias and softplus inside (the kernels read the raw bf16 delta, so
-    # XLA writes no fp32 (B, L, E) copy of it, the biggest XLA op per layer in a 64k
-    # prefill); D and the gate stay with XLA. Not yet timed (NOTES section 10).
+    # XLA writes no fp32 (B, L, E) copy of it); D and the gate stay with XLA. Off by
+    # default. Measured on one H100 with approx_math (benchmarks/NOTES.md, section 11):
+    # fuse=true trains 2-3% faster (158,727 against 155,628 tok/s at B=8 L=2k, 2 GiB more
+    # memory) but prefills slower (B=1 L=64k: 677,984 against 728,666), fuse=delta prefills
+    # at 709,098; with libdevice's exp both were slower everywhere.
     fuse: Union[bool, str] = False
     # What the backward kernel fuses: "all"; "nogate" (all but the gate, whose chain rule
     # XLA applies from the forward's saved pre-gate output); "off" (XLA does everything
