@@ -538,6 +538,10 @@ def _forward(cfg, plan, u, delta, A, B, C, h0, bias, D, z, save_states):
     fused = _fused_args(plan.fusion, bias, D, z)
     states_shape = jax.ShapeDtypeStruct((batch, length // plan.chunk, channels, d_state), f32)
     segment_state = jax.ShapeDtypeStruct((batch, S, channels, d_state), f32)
+    # B and C go to the forward's kernels in fp32 (a few MB per layer, unlike u): every
+    # thread unpacks its share of each step's bf16 B and C rows again, which was 12% of
+    # the forward loop's SASS for sm_90 (benchmarks/kernel_sass.py, NOTES section 11).
+    B, C = B.astype(f32), C.astype(f32)
 
     if S == 1:
         starts = h0[:, None]
