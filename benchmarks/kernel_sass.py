@@ -82,8 +82,10 @@ def _strip_locations(text: str) -> str:
         line = re.sub(r' "[^"]*"\(#loc\d+\)', "", line)
         line = re.sub(r" #loc\d+$", "", line)
         lines.append(line)
-    end = max(i for i, line in enumerate(lines) if line == "}")  # the module's end; a trailer follows
-    return "\n".join(lines[: end + 1]) + "\n"
+    # The module alone: the print of each module ends with a trailer of location notes.
+    start = next(i for i, line in enumerate(lines) if line.startswith("module @"))
+    end = max(i for i, line in enumerate(lines) if line == "}")
+    return "\n".join(lines[start: end + 1]) + "\n"
 
 
 def compile_sass(ir_text: str, num_warps: int, workdir: pathlib.Path, kernel: str, triton_dir: str) -> str:

@@ -87,6 +87,13 @@ class PallasScanConfig(NamedTuple):
     # dB and dC end in bf16 anyway), "float32" always fp32. At 4 channels per program the
     # fp32 partials are 2 x 403 MB per layer for B=8, L=2048, written and read once.
     bwd_partials: str = "input"
+    # dtype in which the forward's kernels read B and C: "input" (bf16 in training and
+    # prefill) or "float32", converted by XLA first (a few MB per layer, unlike u). With
+    # bf16 rows every thread unpacks its share of each step's B and C again: 12% of the
+    # forward loop's SASS for sm_90 (823 -> 723 instructions per trip at B=1 L=8k,
+    # benchmarks/kernel_sass.py), at 167 registers instead of 128. Not yet timed (NOTES
+    # section 11), so not the default.
+    fwd_bc: str = "input"
     # A forward grid of fewer programs than `min_programs` splits the sequence into
     # segments, until it has `target_programs` and no segment is longer than
     # `max_segment_length` steps. Measured on H100 (one layer's scan fwd+bwd): at B=1,
@@ -152,6 +159,8 @@ class PallasScanConfig(NamedTuple):
             raise ValueError(f"pallas scan option fuse={config.fuse!r}; choose true, false or delta")
         if config.bwd_fuse not in ("all", "nogate", "off"):
             raise ValueError(f"pallas scan option bwd_fuse={config.bwd_fuse!r}; choose all, nogate or off")
+        if config.fwd_bc not in ("input", "float32"):
+            raise ValueError(f"pallas scan option fwd_bc={config.fwd_bc!r}; choose input or float32")
         if config.bwd_partials not in ("input", "float32"):
             raise ValueError(f"pallas scan option bwd_partials={config.bwd_partials!r}; choose input or float32")
         for name in ("segments", "bwd_segments", "sum_tile"):
@@ -538,10 +547,8 @@ def _forward(cfg, plan, u, delta, A, B, C, h0, bias, D, z, save_states):
     fused = _fused_args(plan.fusion, bias, D, z)
     states_shape = jax.ShapeDtypeStruct((batch, length // plan.chunk, channels, d_state), f32)
     segment_state = jax.ShapeDtypeStruct((batch, S, channels, d_state), f32)
-    # B and C go to the forward's kernels in fp32 (a few MB per layer, unlike u): every
-    # thread unpacks its share of each step's bf16 B and C rows again, which was 12% of
-    # the forward loop's SASS for sm_90 (benchmarks/kernel_sass.py, NOTES section 11).
-    B, C = B.astype(f32), C.astype(f32)
+    if cfg.fwd_bc == "float32":
+        B, C = B.astype(f32), C.astype(f32)
 
     if S == 1:
         starts = h0[:, None]

@@ -394,3 +394,33 @@ def test_gpu_kernels_take_the_approximate_exp_unless_told_not_to(options, approx
         assert text.count("ex2.approx") == (4 if approx else 0)
         assert (text.count("__nv_expf") == 0) == approx
         assert text.count("lg2.approx") == (4 if approx and fuse != "false" else 0)
+
+
+def test_fwd_bc_float32_hands_the_forward_kernels_fp32_b_and_c_and_changes_no_bit(monkeypatch):
+    """fwd_bc=float32: XLA converts B and C for the forward's kernels (segment sums and
+    pass 2); the backward still reads them, and writes its partials, in their own dtype.
+    bf16 -> fp32 is exact and the kernels compute in fp32, so nothing else changes."""
+    import biomamba_jax.scan_pallas as scan_pallas
+
+    seen = []
+    call = scan_pallas._call
+    monkeypatch.setattr(scan_pallas, "_call", lambda kernel, out, grid, cfg, warps, args: seen.append(
+        (kernel.func.__name__, [a.dtype for a in args[:5]])) or call(kernel, out, grid, cfg, warps, args))
+    x = inputs(6, 1, 32, 8, 4)
+    bf16 = lambda t: t.astype(jnp.bfloat16)
+    args = (bf16(x[0]), x[1], x[2], bf16(x[3]), bf16(x[4]), x[5])
+    loss = lambda fn: lambda *a: jnp.sum(fn(*a)[0].astype(jnp.float32) ** 2)
+    results = {}
+    for choice in ("input", "float32"):
+        seen.clear()
+        fn = functools.partial(pallas_scan, **SEGMENTED, fwd_bc=choice)
+        results[choice] = jax.value_and_grad(loss(fn), argnums=(0, 1, 3, 4))(*args)
+        dtypes = dict((name, d) for name, d in seen)
+        wanted = jnp.float32 if choice == "float32" else jnp.bfloat16
+        assert dtypes["_segment_end_kernel"][3] == wanted
+        assert dtypes["_forward_kernel"][3:5] == [wanted, wanted]
+        assert dtypes["_backward_kernel"][3:5] == [jnp.bfloat16, jnp.bfloat16]
+    for a, b in zip(jax.tree.leaves(results["input"]), jax.tree.leaves(results["float32"])):
+        np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+    with pytest.raises(ValueError, match="fwd_bc='bf16'; choose input or float32"):
+        PallasScanConfig.from_options(fwd_bc="bf16")
