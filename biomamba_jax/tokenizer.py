@@ -38,7 +38,12 @@ def load_tokenizer(source: str | Path = DEFAULT_TOKENIZER) -> transformers.PreTr
         else:
             tokenizer = _from_pretrained(str(path), where=f"directory {path}")
     elif isinstance(source, str) and _HUB_ID.match(source) and not source.endswith(".json"):
-        tokenizer = _from_pretrained(source, where=f"Hugging Face Hub id {source!r}")
+        where = f"Hugging Face Hub id {source!r}"
+        directory = _download(source, where)
+        if (directory / "tokenizer.json").is_file():
+            tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_file=str(directory / "tokenizer.json"))
+        else:
+            tokenizer = _from_pretrained(str(directory), where=where)
     else:
         raise FileNotFoundError(
             f"Tokenizer {str(source)!r} is neither an existing file or directory nor a Hugging Face "
@@ -48,15 +53,32 @@ def load_tokenizer(source: str | Path = DEFAULT_TOKENIZER) -> transformers.PreTr
     return _configure_for_mamba(tokenizer, source)
 
 
+_OFFLINE_HINT = ("If this machine is offline, pass a local tokenizer.json instead (for example "
+                 "../shared/data/tokenizers/gpt-neox-20b/tokenizer.json).")
+# The files a tokenizer may need; not the weights.
+_TOKENIZER_FILES = ["tokenizer*", "special_tokens_map.json", "vocab.*", "merges.txt", "*.model", "config.json"]
+
+
+def _download(hub_id: str, where: str) -> Path:
+    """The tokenizer files of a Hub repo, from the local Hugging Face cache or the Hub.
+
+    Through huggingface_hub's snapshot_download, as `pretrained.resolve_source` fetches
+    models: offline, it fails at once, where transformers' own loader retried each file
+    with backoff for about 50 s before failing."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(hub_id, allow_patterns=_TOKENIZER_FILES))
+    except Exception as error:  # offline, unknown repo, gated repo: all end the same way
+        raise OSError(f"Could not load a tokenizer from {where} ({type(error).__name__}: {error})\n"
+                      + _OFFLINE_HINT) from error
+
+
 def _from_pretrained(name: str, where: str) -> transformers.PreTrainedTokenizerFast:
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(name, use_fast=True)
     except (OSError, ValueError) as error:
-        raise OSError(
-            f"Could not load a tokenizer from {where}: {error}\n"
-            "If this machine is offline, pass a local tokenizer.json instead (for example "
-            "../shared/data/tokenizers/gpt-neox-20b/tokenizer.json)."
-        ) from error
+        raise OSError(f"Could not load a tokenizer from {where}: {error}\n" + _OFFLINE_HINT) from error
     if not getattr(tokenizer, "is_fast", False):
         raise TypeError(f"{where} gave a slow tokenizer ({type(tokenizer).__name__}); a fast one is required.")
     return tokenizer

@@ -48,13 +48,35 @@ def test_missing_path_is_a_clear_error(tmp_path):
 
 
 def test_hub_id_offline_is_a_clear_error(monkeypatch):
-    def offline(*args, **kwargs):
-        raise OSError("We couldn't connect to 'https://huggingface.co'")
+    import huggingface_hub
 
-    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", offline)
-    with pytest.raises(OSError, match="(?s)Hugging Face Hub id 'EleutherAI/gpt-neox-20b'.*offline"):
+    def offline(*args, **kwargs):
+        raise huggingface_hub.errors.LocalEntryNotFoundError("Name or service not known")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    with pytest.raises(OSError, match="(?s)Hugging Face Hub id 'EleutherAI/gpt-neox-20b'.*"
+                                      "LocalEntryNotFoundError.*offline.*tokenizer.json"):
         load_tokenizer("EleutherAI/gpt-neox-20b")
     assert tokenizer_module.DEFAULT_TOKENIZER == "EleutherAI/gpt-neox-20b"
+
+
+def test_hub_id_goes_through_snapshot_download_for_the_tokenizer_files_only(monkeypatch, tmp_path):
+    """A Hub id is fetched as the models are (huggingface_hub's cache, fast failure
+    offline), asking only for tokenizer files; transformers' own loader retried for ~50 s."""
+    import huggingface_hub
+
+    tokenizer_module.write_byte_level_tokenizer(tmp_path / "snapshot" / "tokenizer.json")
+    calls = []
+    monkeypatch.setattr(huggingface_hub, "snapshot_download",
+                        lambda repo, **kw: calls.append((repo, kw)) or str(tmp_path / "snapshot"))
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", None)  # must not be needed
+    tokenizer = load_tokenizer("state-spaces/mamba-130m-hf")
+    ids = tokenizer.encode("ab")
+    assert len(ids) == 2 and tokenizer.decode(ids) == "ab"  # the snapshot's byte-level tokenizer.json
+    assert tokenizer.pad_token_id == 0
+    [(repo, options)] = calls
+    assert repo == "state-spaces/mamba-130m-hf"
+    assert "tokenizer*" in options["allow_patterns"] and not any("safetensors" in p for p in options["allow_patterns"])
 
 
 def test_wrong_tokenizer_is_rejected(tmp_path):
