@@ -132,8 +132,10 @@ class PallasScanConfig(NamedTuple):
     # XLA applies from the forward's saved pre-gate output); "off" (XLA does everything
     # around the plain scan adjoint).
     bwd_fuse: str = "nogate"
-    # The kernels' exp (and fused softplus) on the GPU's approximate MUFU instructions, as
-    # mamba_ssm's kernels are compiled (--use_fast_math); false: libdevice's exact ones.
+    # The kernels' exp (and the fused softplus and sigmoid) on the GPU's approximate MUFU
+    # instructions, as mamba_ssm's kernels are compiled (--use_fast_math); false:
+    # libdevice's exact ones. Measured on one H100 (NOTES section 11): prefill B=1 L=64k
+    # 690,758 against 596,718 tok/s, training at B=8 L=2k 156,451 against 150,453.
     # Ignored by the interpreter, which always computes exactly.
     approx_math: bool = True
     interpret: Optional[bool] = None  # None: interpret unless the backend is GPU
@@ -212,6 +214,8 @@ _LOG2_E = math.log2(math.e)
 
 
 def _approx(instruction, x):
+    """PTX `<instruction>.approx.ftz.f32` (ex2, lg2) on each element of an fp32 kernel
+    value: one MUFU op each. GPU kernels only; the interpreter cannot run inline asm."""
     from jax.experimental.pallas import triton as plgpu
 
     (result,) = plgpu.elementwise_inline_asm(
