@@ -50,6 +50,7 @@ def triton_modules(impl: str, shape, grad: bool) -> dict[str, str]:
     args = (bf16(batch, length, channels), bf16(batch, length, channels), -jnp.ones((channels, d_state)),
             bf16(batch, length, d_state), bf16(batch, length, d_state))
     extras = dict(D=jnp.ones(channels), z=args[0], delta_bias=jnp.zeros(channels), delta_softplus=True)
+    options.pop("interpret", None)  # the kernels must go to Triton, not the interpreter
     impl_string = ":".join(["pallas", "interpret=false"] + [f"{k}={v}" for k, v in options.items()])
     forward = lambda *a: selective_scan(*a, **extras, impl=impl_string)[0]
     fn = jax.grad(lambda *a: jnp.sum(forward(*a).astype(jnp.float32)), argnums=(0, 1)) if grad else forward
@@ -88,8 +89,10 @@ def _strip_locations(text: str) -> str:
     return "\n".join(lines[start: end + 1]) + "\n"
 
 
-def compile_sass(ir_text: str, num_warps: int, workdir: pathlib.Path, kernel: str, triton_dir: str) -> str:
-    sys.path.insert(0, triton_dir)
+def compile_sass(ir_text: str, num_warps: int, workdir: pathlib.Path, kernel: str, triton_dir: str):
+    """(SASS text, registers per thread) of one kernel's IR compiled for sm_90."""
+    if triton_dir not in sys.path:
+        sys.path.insert(0, triton_dir)
     import triton
     from triton.backends.compiler import GPUTarget
 
