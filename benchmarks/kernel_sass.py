@@ -2,8 +2,9 @@
 
 Pallas lowers each kernel to Triton IR on any machine (`lowering_platforms=("cuda",)`);
 pip's Triton then compiles that IR for sm_90 and its bundled cuobjdump disassembles it.
-Per loop (a backward branch), this prints how many instructions one trip runs and the
-opcode mix: MUFU (the exp), FFMA/FMUL (the arithmetic), and what is overhead (address
+Per loop (a backward branch), this prints how many instructions one trip runs, the warp
+instructions per (step, channel, state) element (issue slots: comparable across tilings),
+and the opcode mix: MUFU (the exp), FFMA/FMUL (the arithmetic), and what is overhead (address
 arithmetic, bf16 unpacking, shuffles, and BAR/STS/LDS, the shared-memory round trips of
 Triton layout conversions). It is a proxy for choosing what to time on the device, not a
 timing: XLA compiles the same IR with its own Triton build, which may differ.
@@ -142,6 +143,12 @@ def main(argv=None):
                                           shape[0], shape[1], shape[2])
     warps = {"forward_kernel": cfg.num_warps, "backward_kernel": cfg.bwd_num_warps or cfg.num_warps,
              "segment_end_kernel": cfg.sum_num_warps, "segment_start_adjoint_kernel": cfg.sum_num_warps}
+    # (step, channel, state) elements one trip of each kernel's loop covers (N padded as the kernels pad it)
+    d_state = 1 << max(0, (shape[3] - 1).bit_length())
+    elements = {"forward_kernel": cfg.chunk * cfg.block_e * d_state,
+                "backward_kernel": cfg.chunk * cfg.bwd_block_e * d_state,
+                "segment_end_kernel": cfg.sum_tile * cfg.block_e * d_state,
+                "segment_start_adjoint_kernel": cfg.sum_tile * cfg.block_e * d_state}
     print(f"{args.impl} at {shape}: block_e {cfg.block_e}, chunk {cfg.chunk}, sum_tile {cfg.sum_tile}, "
           f"segments {segments}/{bwd_segments}, bwd_block_e {cfg.bwd_block_e}")
     with tempfile.TemporaryDirectory() as scratch:
@@ -152,8 +159,11 @@ def main(argv=None):
             total, found = loops(sass)
             print(f"{kernel}: {warps[kernel]} warps, {registers} registers, {total} instructions")
             for start, end, body in found:
-                print(f"  loop {start:#x}-{end:#x}: {sum(body.values())} per trip: "
-                      + ", ".join(f"{op} {n}" for op, n in body.most_common(14)))
+                # Issue slots per element: what the count predicts if the loop is issue-bound
+                # and occupancy holds (NOTES section 11: it misled where registers passed ~160).
+                per_element = sum(body.values()) * warps[kernel] / elements[kernel]
+                print(f"  loop {start:#x}-{end:#x}: {sum(body.values())} per trip, {per_element:.3f} warp "
+                      "instructions per element: " + ", ".join(f"{op} {n}" for op, n in body.most_common(14)))
 
 
 if __name__ == "__main__":
