@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import functools
 import math
+import typing
 from typing import NamedTuple, Optional, Union
 
 import jax
@@ -57,12 +58,6 @@ from biomamba_jax.scan import SCAN_RESIDUAL_NAMES, register_scan_impl
 __all__ = ["pallas_scan", "pallas_selective_scan", "PallasScanConfig"]
 
 f32 = jnp.float32
-
-
-_INT_OPTIONS = ("chunk", "block_e", "num_warps", "bwd_block_e", "bwd_num_warps", "min_programs", "target_programs",
-                "max_segment_length", "min_segment_length", "segments", "bwd_segments", "sum_tile", "sum_num_warps")
-_BOOL_OPTIONS = ("approx_math", "interpret")
-_OPTIONAL = ("block_e", "bwd_block_e", "bwd_num_warps", "segments", "bwd_segments", "sum_tile", "interpret")  # None allowed
 
 
 class PallasScanConfig(NamedTuple):
@@ -146,15 +141,13 @@ class PallasScanConfig(NamedTuple):
         if unknown:
             raise ValueError(f"unknown pallas scan option(s) {unknown}; valid: {list(cls._fields)}")
         config = cls(**options)
-        for name in cls._fields:  # impl strings carry text: catch "16,a" or a typo'd bool
+        # Impl strings carry text: catch "16,a" or a mistyped bool, by the fields' annotations.
+        for name, hint in typing.get_type_hints(cls).items():
+            kinds = set(typing.get_args(hint)) or {hint}  # Optional[int]: {int, NoneType}
+            wanted = {frozenset({int}): "a whole number", frozenset({bool}): "true or false"}.get(
+                frozenset(kinds - {type(None)}))
             value = getattr(config, name)
-            if name in _INT_OPTIONS:
-                ok, wanted = type(value) is int or (value is None and name in _OPTIONAL), "a whole number"
-            elif name in _BOOL_OPTIONS:
-                ok, wanted = type(value) is bool or (value is None and name in _OPTIONAL), "true or false"
-            else:
-                continue
-            if not ok:
+            if wanted and type(value) not in kinds:
                 raise ValueError(f"pallas scan option {name}={value!r}: give {wanted} (options are separated"
                                  " by ':', as in pallas:block_e=32:chunk=8)")
         if config.fuse not in (False, True, "delta"):
