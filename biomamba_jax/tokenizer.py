@@ -33,17 +33,10 @@ def load_tokenizer(source: str | Path = DEFAULT_TOKENIZER) -> transformers.PreTr
     if path.is_file():
         tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_file=str(path))
     elif path.is_dir():
-        if (path / "tokenizer.json").is_file():
-            tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_file=str(path / "tokenizer.json"))
-        else:
-            tokenizer = _from_pretrained(str(path), where=f"directory {path}")
+        tokenizer = _from_directory(path, where=f"directory {path}")
     elif isinstance(source, str) and _HUB_ID.match(source) and not source.endswith(".json"):
         where = f"Hugging Face Hub id {source!r}"
-        directory = _download(source, where)
-        if (directory / "tokenizer.json").is_file():
-            tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_file=str(directory / "tokenizer.json"))
-        else:
-            tokenizer = _from_pretrained(str(directory), where=where)
+        tokenizer = _from_directory(_download(source, where), where)
     else:
         raise FileNotFoundError(
             f"Tokenizer {str(source)!r} is neither an existing file or directory nor a Hugging Face "
@@ -72,6 +65,13 @@ def _download(hub_id: str, where: str) -> Path:
     except Exception as error:  # offline, unknown repo, gated repo: all end the same way
         raise OSError(f"Could not load a tokenizer from {where} ({type(error).__name__}: {error})\n"
                       + _OFFLINE_HINT) from error
+
+
+def _from_directory(directory: Path, where: str) -> transformers.PreTrainedTokenizerFast:
+    """Its tokenizer.json when there is one, else whatever files transformers can load."""
+    if (directory / "tokenizer.json").is_file():
+        return transformers.PreTrainedTokenizerFast(tokenizer_file=str(directory / "tokenizer.json"))
+    return _from_pretrained(str(directory), where=where)
 
 
 def _from_pretrained(name: str, where: str) -> transformers.PreTrainedTokenizerFast:
