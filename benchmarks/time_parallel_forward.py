@@ -113,11 +113,11 @@ class TimeParallel(NamedTuple):
     per_state: bool = False
 
 
-def _kernel(u_ref, delta_ref, A_ref, B_ref, C_ref, h0_ref, y_ref, h_end_ref, *states_ref, block_e, tile, chunk):
+def _kernel(u_ref, delta_ref, A_ref, B_ref, C_ref, h0_ref, y_ref, h_end_ref, *states_ref, block_e, tile, plan):
     b, block = pl.program_id(0), pl.program_id(1)
     channels = pl.ds(block * block_e, block_e)
-    A = A_ref[channels, :]  # (E_blk, N)
-    d_state = A.shape[-1]
+    rate = sp._exp_rate(A_ref[channels, :], plan)  # (E_blk, N), in the unit sp._exp takes
+    d_state, chunk = rate.shape[-1], plan.chunk
     groups = tile // chunk
     last = jax.lax.broadcasted_iota(jnp.int32, (tile, 1, 1), 0) == tile - 1
     chunk_last = jax.lax.broadcasted_iota(jnp.int32, (groups, chunk, 1, 1), 1) == chunk - 1
@@ -130,7 +130,7 @@ def _kernel(u_ref, delta_ref, A_ref, B_ref, C_ref, h0_ref, y_ref, h_end_ref, *st
         delta = delta_ref[b, steps, channels].astype(f32)  # (T, E_blk)
         drive = delta * u_ref[b, steps, channels].astype(f32)
         Bt, Ct = B_ref[b, steps, :].astype(f32), C_ref[b, steps, :].astype(f32)  # (T, N)
-        decay = jnp.exp(delta[:, :, None] * A[None])  # (T, E_blk, N)
+        decay = sp._exp(delta[:, :, None] * rate[None], plan)  # (T, E_blk, N)
         cum_decay, local = linear_scan(decay, drive[:, :, None] * Bt[:, None, :], axis=0)
         states = local + cum_decay * h[None]  # the true state after each step
         y_ref[b, steps, channels] = jnp.sum(states * Ct[:, None, :], axis=2).astype(y_ref.dtype)
@@ -144,14 +144,14 @@ def _kernel(u_ref, delta_ref, A_ref, B_ref, C_ref, h0_ref, y_ref, h_end_ref, *st
 
 
 def _per_state_kernel(u_ref, delta_ref, A_ref, B_ref, C_ref, h0_ref, y_ref, h_end_ref, *states_ref, block_e, tile,
-                      chunk):
+                      plan):
     b, block = pl.program_id(0), pl.program_id(1)
     channels = pl.ds(block * block_e, block_e)
-    d_state = A_ref.shape[-1]
+    d_state, chunk = A_ref.shape[-1], plan.chunk
     groups = tile // chunk
     last = jax.lax.broadcasted_iota(jnp.int32, (tile, 1), 0) == tile - 1
     chunk_last = jax.lax.broadcasted_iota(jnp.int32, (groups, chunk, 1), 1) == chunk - 1
-    A = [A_ref[channels, n] for n in range(d_state)]  # N columns of (E_blk,)
+    rate = [sp._exp_rate(A_ref[channels, n], plan) for n in range(d_state)]  # N columns of (E_blk,)
     h0 = tuple(h0_ref[b, channels, n] for n in range(d_state))
     if states_ref:  # states_ref[0][b, c] is the state at the start of chunk c (one row extra)
         for n in range(d_state):
@@ -165,7 +165,7 @@ def _per_state_kernel(u_ref, delta_ref, A_ref, B_ref, C_ref, h0_ref, y_ref, h_en
         h_next = []
         for n in range(d_state):
             Bn, Cn = B_ref[b, steps, n].astype(f32), C_ref[b, steps, n].astype(f32)  # (T,)
-            cum_decay, local = linear_scan(jnp.exp(delta * A[n][None]), drive * Bn[:, None], axis=0)
+            cum_decay, local = linear_scan(sp._exp(delta * rate[n][None], plan), drive * Bn[:, None], axis=0)
             states = local + cum_decay * h[n][None]  # (T, E_blk): column n of the state after each step
             y = y + states * Cn[:, None]
             if states_ref:
@@ -196,7 +196,7 @@ def _forward(cfg, plan, tp, u, delta, A, B, C, h0, save_states):
     out_shape = [jax.ShapeDtypeStruct(u.shape, u.dtype), jax.ShapeDtypeStruct((batch, channels, d_state), f32)]
     if save_states:
         out_shape.append(jax.ShapeDtypeStruct((batch, plan.chunks + 1, channels, d_state), f32))
-    kernel = functools.partial(_per_state_kernel if tp.per_state else _kernel, block_e=tp.block_e, tile=tp.tile, chunk=plan.chunk)
+    kernel = functools.partial(_per_state_kernel if tp.per_state else _kernel, block_e=tp.block_e, tile=tp.tile, plan=plan)
     return pl.pallas_call(kernel, grid=(batch, channels // tp.block_e), interpret=interpret, compiler_params=params,
                           out_shape=out_shape, name="time_parallel_forward")(u, delta, A, B, C, h0)
 

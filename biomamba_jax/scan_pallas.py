@@ -82,13 +82,13 @@ class PallasScanConfig(NamedTuple):
     # dB and dC end in bf16 anyway), "float32" always fp32. At 4 channels per program the
     # fp32 partials are 2 x 403 MB per layer for B=8, L=2048, written and read once.
     bwd_partials: str = "input"
-    # dtype in which the forward's kernels read B and C: "input" (bf16 in training and
-    # prefill) or "float32", converted by XLA first (a few MB per layer, unlike u). With
-    # bf16 rows every thread unpacks its share of each step's B and C again: 12% of the
-    # forward loop's SASS for sm_90 (823 -> 723 instructions per trip at B=1 L=8k,
-    # benchmarks/kernel_sass.py), at 167 registers instead of 128. Not yet timed (NOTES
-    # section 11), so not the default.
-    fwd_bc: str = "input"
+    # dtype in which the forward's kernels read B and C: "float32", converted by XLA first
+    # (a few MB per layer, unlike u), or "input" (bf16 in training and prefill). With bf16
+    # rows every thread unpacks its share of each step's B and C again: 12% of the forward
+    # loop's SASS for sm_90 (823 -> 723 instructions per trip at B=1 L=8k,
+    # benchmarks/kernel_sass.py). Measured on one H100 (NOTES section 12): prefill B=1
+    # L=64k 746,488 against 734,992 tok/s, L=8k 614,600 against 603,751; training equal.
+    fwd_bc: str = "float32"
     # A forward grid of fewer programs than `min_programs` splits the sequence into
     # segments, until it has `target_programs` and no segment is longer than
     # `max_segment_length` steps. Measured on H100 (one layer's scan fwd+bwd): at B=1,
@@ -428,12 +428,14 @@ def _segment_end_kernel(*refs, plan, block_e, tile):
     """Pass 1 of a segmented forward as a sum: the state a segment reaches from zero,
     h_end = sum_t exp(A * later_t) * (delta_t u_t) B_t, later_t = sum of delta over the
     segment's steps after t. Tiles run from the segment's end so later_t is a running sum
-    plus a within-tile cumsum; exp(A * later_t) <= 1 (A < 0), so nothing overflows."""
+    plus a within-tile cumsum; exp(A * later_t) <= 1 (A < 0), so nothing overflows. It also
+    writes the segment's delta total, which sets the segment's decay: summed here, where
+    delta is in registers anyway, XLA need not read the fp32 (B, L, E) delta once more."""
     fusion = plan.fusion
     r = _Refs(refs)
     u_ref, delta_ref, A_ref, B_ref = (r.take() for _ in range(4))
     bias_ref = r.take(fusion.bias)
-    h_end_ref = r.take()
+    h_end_ref, total_ref = r.take(), r.take()
 
     b, _, segment, channels, first, _ = _program(plan, block_e)
     rate = _exp_rate(A_ref[channels, :], plan)
@@ -452,20 +454,22 @@ def _segment_end_kernel(*refs, plan, block_e, tile):
         return h + jnp.sum(terms, axis=0), after + total
 
     zeros = jnp.zeros(rate.shape, f32), jnp.zeros((block_e,), f32)
-    h, _ = jax.lax.fori_loop(0, tiles, one_tile, zeros)
+    h, total = jax.lax.fori_loop(0, tiles, one_tile, zeros)
     h_end_ref[b, segment, channels, :] = h
+    total_ref[b, segment, channels] = total
 
 
 def _segment_start_adjoint_kernel(*refs, plan, block_e, tile):
     """Pass 1 of a segmented backward as a sum: the adjoint a segment carries to its start
     from zero at its end, g_start = sum_t exp(A * upto_t) * dy_t C_t, upto_t = sum of
     delta over the segment's steps up to and including t (the recurrence
-    g <- exp(delta A) (g + dy C), run from the segment's end, written out as a sum)."""
+    g <- exp(delta A) (g + dy C), run from the segment's end, written out as a sum), and
+    the segment's delta total, as `_segment_end_kernel`."""
     fusion = plan.bwd_fusion
     r = _Refs(refs)
     delta_ref, A_ref, C_ref, dy_ref = (r.take() for _ in range(4))
     bias_ref, z_ref = r.take(fusion.bias), r.take(fusion.gate)
-    g_start_ref = r.take()
+    g_start_ref, total_ref = r.take(), r.take()
 
     b, _, segment, channels, first, _ = _program(plan, block_e)
     rate = _exp_rate(A_ref[channels, :], plan)
@@ -486,8 +490,9 @@ def _segment_start_adjoint_kernel(*refs, plan, block_e, tile):
         return g + jnp.sum(terms, axis=0), before + jnp.sum(delta, axis=0)
 
     zeros = jnp.zeros(rate.shape, f32), jnp.zeros((block_e,), f32)
-    g, _ = jax.lax.fori_loop(0, tiles, one_tile, zeros)
+    g, total = jax.lax.fori_loop(0, tiles, one_tile, zeros)
     g_start_ref[b, segment, channels, :] = g
+    total_ref[b, segment, channels] = total
 
 
 # ---------------------------------------------------------------------------- drivers
@@ -513,11 +518,9 @@ def _fused_args(fusion, bias, D, z):
     return [x for x, on in ((bias, fusion.bias), (D, fusion.skip), (z, fusion.gate)) if on]
 
 
-def _segment_decays(plan, delta, A, bias):
-    """exp(A * sum of delta over each segment): (B, S, E, N), the decay a segment applies."""
-    batch, length, channels = delta.shape
-    d = _delta(delta.astype(f32), bias, plan.fusion)
-    totals = d.reshape(batch, plan.segments, length // plan.segments, channels).sum(2)
+def _segment_decays(totals, A):
+    """exp(A * sum of delta over each segment): (B, S, E, N), the decay a segment applies,
+    from the (B, S, E) delta totals the pass-1 kernels write."""
     return jnp.exp(totals[..., None] * A)
 
 
@@ -544,6 +547,7 @@ def _forward(cfg, plan, u, delta, A, B, C, h0, bias, D, z, save_states):
     fused = _fused_args(plan.fusion, bias, D, z)
     states_shape = jax.ShapeDtypeStruct((batch, length // plan.chunk, channels, d_state), f32)
     segment_state = jax.ShapeDtypeStruct((batch, S, channels, d_state), f32)
+    segment_totals = jax.ShapeDtypeStruct((batch, S, channels), f32)
     if cfg.fwd_bc == "float32":
         B, C = B.astype(f32), C.astype(f32)
 
@@ -552,8 +556,9 @@ def _forward(cfg, plan, u, delta, A, B, C, h0, bias, D, z, save_states):
     else:
         kernel = functools.partial(_segment_end_kernel, plan=plan, block_e=cfg.block_e, tile=_sum_tile(plan, cfg))
         bias_arg = [bias] if plan.fusion.bias else []
-        (local_ends,) = _call(kernel, [segment_state], grid, cfg, cfg.sum_num_warps, (u, delta, A, B, *bias_arg))
-        decays = _segment_decays(plan, delta, A, bias)
+        local_ends, totals = _call(kernel, [segment_state, segment_totals], grid, cfg, cfg.sum_num_warps,
+                                   (u, delta, A, B, *bias_arg))
+        decays = _segment_decays(totals, A)
         # The true end of segment s is decay_s * (its true start) + its end from zero.
         true_ends = _segment_recurrence(decays[:, :-1], local_ends[:, :-1], h0)
         starts = jnp.concatenate([h0[:, None], true_ends], axis=1)
@@ -597,9 +602,9 @@ def _backward(cfg, plan, residuals, dy, dfinal):
         extras = [x for x, on in ((bias, fusion.bias), (z, fusion.gate)) if on]
         kernel = functools.partial(_segment_start_adjoint_kernel, plan=plan, block_e=cfg.block_e,
                                    tile=_sum_tile(plan, cfg))
-        local = _call(kernel, [segment_state], (batch, channels // cfg.block_e, S), cfg, cfg.sum_num_warps,
-                      (delta, A, C, dy, *extras))[0]
-        decays = _segment_decays(plan, raw_delta, A, bias)
+        local, totals = _call(kernel, [segment_state, jax.ShapeDtypeStruct((batch, S, channels), f32)],
+                              (batch, channels // cfg.block_e, S), cfg, cfg.sum_num_warps, (delta, A, C, dy, *extras))
+        decays = _segment_decays(totals, A)
         # The adjoint entering segment s from its right is decay_{s+1} * (the one entering
         # segment s+1) + segment s+1's start adjoint from zero; the last receives dfinal.
         g_ends = _segment_recurrence(decays[:, 1:], local[:, 1:], dfinal, reverse=True)

@@ -424,3 +424,38 @@ def test_fwd_bc_float32_hands_the_forward_kernels_fp32_b_and_c_and_changes_no_bi
         np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
     with pytest.raises(ValueError, match="fwd_bc='bf16'; choose input or float32"):
         PallasScanConfig.from_options(fwd_bc="bf16")
+
+
+def _reductions(jaxpr):
+    """Input shapes of every reduce_sum in a jaxpr, nested jaxprs included (the kernels'
+    own bodies excepted: they are not XLA's)."""
+    shapes = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "reduce_sum":
+            shapes.append(eqn.invars[0].aval.shape)
+        if eqn.primitive.name == "pallas_call":
+            continue
+        for param in eqn.params.values():
+            for inner in param if isinstance(param, (tuple, list)) else (param,):
+                if hasattr(inner, "jaxpr") and hasattr(inner.jaxpr, "eqns"):
+                    shapes += _reductions(inner.jaxpr)
+                elif hasattr(inner, "eqns"):
+                    shapes += _reductions(inner)
+    return shapes
+
+
+def test_segment_decays_come_from_the_pass_one_kernels_not_a_second_read_of_delta():
+    """The segment sum kernels write each segment's delta total; XLA used to sum the fp32
+    (B, L, E) delta once more for the segment decays, forward and backward."""
+    batch, length, channels = 1, 64, 8
+    x = inputs(2, batch, length, channels, 4)
+    options = dict(SEGMENTED, segments=4, bwd_segments=4)
+    def loss(*a):  # no (B, L, E) reduction of its own: the last step's y and the final state
+        y, final = pallas_scan(*a, **options)
+        return jnp.sum(y[:, -1]) + jnp.sum(final)
+
+    for fn in (lambda *a: pallas_scan(*a, **options), jax.grad(loss, argnums=(0, 1))):
+        shapes = _reductions(jax.make_jaxpr(fn)(*x).jaxpr)
+        big = [s for s in shapes if np.prod(s) >= batch * length * channels and channels in s]
+        assert not big, f"XLA reduces a (B, L, E)-sized array: {big}"
+    assert_matches_reference(functools.partial(pallas_scan, **options), x)
