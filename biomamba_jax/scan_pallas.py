@@ -8,14 +8,14 @@ memory latency overlaps with arithmetic instead of stalling every chunk. The ker
 writes y, the state at the end of its segment and, when a gradient is needed, the state
 at the start of every chunk (B, L / chunk, E, N).
 
-Fusion (opt-in, `impl="pallas:fuse=true"`): the kernels take u, the raw delta and z in
-the compute dtype (bf16 in training) and do the dt bias, softplus, D skip and SiLU gate in
-registers, so none of those (B, L, E) fp32 intermediates goes through HBM; y is written
-in the compute dtype. The backward writes du, d(raw delta) and dz in their dtypes and
-per-row partial sums of dD and the dt bias gradient (or leaves part of that to XLA, see
-`bwd_fuse`). On one H100 (benchmarks/NOTES.md, section 11) fuse=true trains 2-3% faster
-than the default, where XLA does that elementwise work around the plain kernels, but
-prefills 7% slower; the default stays unfused.
+Fusion (`fuse`): by default ("delta") the kernels take the raw delta in the compute dtype
+(bf16 in training) and apply the dt bias and softplus in registers, so no fp32 (B, L, E)
+delta goes through HBM; XLA applies the D skip and SiLU gate to y. With fuse=true the
+kernels also take z and do the skip and gate, writing y in the compute dtype. The
+backward writes du, d(raw delta) and dz in their dtypes and per-row partial sums of dD and
+the dt bias gradient (or leaves part of that to XLA, see `bwd_fuse`). On one H100
+(benchmarks/NOTES.md, section 12) "delta" was the fastest choice for prefill and training;
+fuse=true trains at B=8 1.4% faster still but prefills 3% slower.
 
 Backward kernel (`jax.custom_vjp`): the same grid, walking chunks in reverse. It reloads
 a chunk's saved start state, recomputes the chunk's states and decays in registers, then
@@ -115,14 +115,16 @@ class PallasScanConfig(NamedTuple):
     # for 16-step tiles against 705,179 for 32).
     sum_tile: Optional[int] = None
     sum_num_warps: int = 4
-    # selective_scan's bias, softplus, D and gate inside the kernels, with bf16 I/O.
-    # "delta": only the bias and softplus inside (the kernels read the raw bf16 delta, so
-    # XLA writes no fp32 (B, L, E) copy of it); D and the gate stay with XLA. Off by
-    # default. Measured on one H100 with approx_math (benchmarks/NOTES.md, section 11):
-    # fuse=true trains 2-3% faster (158,727 against 155,628 tok/s at B=8 L=2k, 2 GiB more
-    # memory) but prefills slower (B=1 L=64k: 677,984 against 728,666), fuse=delta prefills
-    # at 709,098; with libdevice's exp both were slower everywhere.
-    fuse: Union[bool, str] = False
+    # What of selective_scan's work around the recurrence the kernels do. "delta" (the
+    # default): the dt bias and softplus (the kernels read the raw bf16 delta, so XLA writes
+    # no fp32 (B, L, E) copy of it); D and the gate stay with XLA. true: all four, with y
+    # written in bf16. false: none. Measured on one H100 (benchmarks/NOTES.md, section 12,
+    # tok/s against false in the same call): "delta" prefills B=1 at 8k / 64k 611,726 /
+    # 746,566 against 602,750 / 741,439 and trains at B=8 L=2k / B=1 L=16k 156,816 /
+    # 155,830 against 155,843 / 149,706. true trains at 158,035 / 150,591 with 2 GiB more
+    # memory and prefills slower (719,170 at 64k): the gate costs the forward kernel more
+    # than XLA's pass over y.
+    fuse: Union[bool, str] = "delta"
     # What the backward kernel fuses: "all"; "nogate" (all but the gate, whose chain rule
     # XLA applies from the forward's saved pre-gate output); "off" (XLA does everything
     # around the plain scan adjoint).

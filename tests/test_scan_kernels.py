@@ -200,7 +200,7 @@ def test_segmented_selective_scan_with_mask_matches_reference(dtype, tolerance, 
         assert rel_err(g, g_ref) < tolerance, name
 
 
-@pytest.mark.parametrize("impl", ["pallas:chunk=4", "pallas:chunk=4:fuse=true", "pallas:chunk=4:fuse=delta",
+@pytest.mark.parametrize("impl", ["pallas:chunk=4:fuse=false", "pallas:chunk=4:fuse=true", "pallas:chunk=4",
                                   "chunked:chunk=4"])
 def test_bias_without_softplus_leaves_padded_and_masked_steps_alone(impl):
     """A dt bias without the softplus: padded steps (13 is not a multiple of the chunk) and
@@ -265,8 +265,8 @@ def test_pallas_longer_sequence_many_chunks():
     assert_matches_reference(functools.partial(pallas_scan, chunk=8, block_e=16), x)
 
 
-def test_default_pallas_leaves_bias_softplus_skip_and_gate_to_xla(monkeypatch):
-    """The default runs the plain kernels (measured faster); fuse=true runs the fused ones."""
+def test_fuse_false_leaves_bias_softplus_skip_and_gate_to_xla(monkeypatch):
+    """fuse=false runs the plain kernels; the default (fuse=delta) and fuse=true the fused ones."""
     import biomamba_jax.scan_pallas as scan_pallas
     from biomamba_jax.scan import selective_scan
 
@@ -275,17 +275,17 @@ def test_default_pallas_leaves_bias_softplus_skip_and_gate_to_xla(monkeypatch):
     monkeypatch.setattr(scan_pallas, "pallas_scan", lambda *a, **k: calls.append(k) or plain(*a, **k))
     x = inputs(0, 1, 6, 4, 2)
     extras = dict(D=jnp.ones(4), z=x[0], delta_bias=jnp.zeros(4), delta_softplus=True)
-    selective_scan(*x[:5], **extras, impl="pallas")
+    selective_scan(*x[:5], **extras, impl="pallas:fuse=false")
     assert len(calls) == 1
+    selective_scan(*x[:5], **extras, impl="pallas")
     selective_scan(*x[:5], **extras, impl="pallas:fuse=true")
-    selective_scan(*x[:5], **extras, impl="pallas:fuse=delta")
     assert len(calls) == 1
 
     # bf16 activations reach the plain kernels as they are, with no fp32 copy made first.
     seen = []
     monkeypatch.setattr(scan_pallas, "pallas_scan", lambda *a, **k: seen.append(a) or plain(*a, **k))
     bf16 = lambda t: t.astype(jnp.bfloat16)
-    selective_scan(bf16(x[0]), bf16(x[1]), x[2], bf16(x[3]), bf16(x[4]), **extras, impl="pallas")
+    selective_scan(bf16(x[0]), bf16(x[1]), x[2], bf16(x[3]), bf16(x[4]), **extras, impl="pallas:fuse=false")
     u, delta, _, B, C = seen[0][:5]
     assert (u.dtype, B.dtype, C.dtype, delta.dtype) == (jnp.bfloat16, jnp.bfloat16, jnp.bfloat16, jnp.float32)
 
@@ -357,7 +357,7 @@ def test_segment_recurrence_is_the_step_by_step_composition(segments, reverse):
 
 
 def test_fuse_delta_puts_only_bias_and_softplus_in_the_kernels(monkeypatch):
-    """fuse=delta: the kernels get the raw delta with the bias and softplus to apply, and
+    """fuse=delta (the default): the kernels get the raw delta with the bias and softplus to apply, and
     no D or gate; fuse=true gives them all four."""
     import biomamba_jax.scan_pallas as scan_pallas
     from biomamba_jax.scan import selective_scan
@@ -367,8 +367,8 @@ def test_fuse_delta_puts_only_bias_and_softplus_in_the_kernels(monkeypatch):
     monkeypatch.setattr(scan_pallas, "_run", lambda *a, **k: fusions.append((a[6:9], a[9])) or run(*a, **k))
     x = inputs(0, 1, 6, 4, 2)
     extras = dict(D=jnp.ones(4), z=x[0], delta_bias=jnp.zeros(4), delta_softplus=True)
-    for fuse in ("delta", "true"):
-        selective_scan(*x[:5], **extras, impl=f"pallas:fuse={fuse}")
+    for impl in ("pallas", "pallas:fuse=true"):  # the default is fuse=delta
+        selective_scan(*x[:5], **extras, impl=impl)
     (delta_args, delta_fusion), (all_args, all_fusion) = fusions
     assert delta_fusion == scan_pallas._Fusion(bias=True, softplus=True, skip=False, gate=False)
     assert delta_args[0] is not None and delta_args[1:] == (None, None)  # bias in; D, z not
