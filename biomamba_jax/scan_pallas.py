@@ -8,14 +8,14 @@ memory latency overlaps with arithmetic instead of stalling every chunk. The ker
 writes y, the state at the end of its segment and, when a gradient is needed, the state
 at the start of every chunk (B, L / chunk, E, N).
 
-Fusion (`fuse`): by default ("delta") the kernels take the raw delta in the compute dtype
+Fusion (`fuse`): with fuse=delta the kernels take the raw delta in the compute dtype
 (bf16 in training) and apply the dt bias and softplus in registers, so no fp32 (B, L, E)
 delta goes through HBM; XLA applies the D skip and SiLU gate to y. With fuse=true the
 kernels also take z and do the skip and gate, writing y in the compute dtype. The
 backward writes du, d(raw delta) and dz in their dtypes and per-row partial sums of dD and
-the dt bias gradient (or leaves part of that to XLA, see `bwd_fuse`). On one H100
-(benchmarks/NOTES.md, section 12) "delta" was the fastest choice for prefill and training;
-fuse=true trains at B=8 1.4% faster still but prefills 3% slower.
+the dt bias gradient (or leaves part of that to XLA, see `bwd_fuse`). The default, "auto",
+is fuse=delta where the sequence is split into segments and fuse=false otherwise, the
+faster of the two on one H100 at each shape measured (benchmarks/NOTES.md, section 12).
 
 Backward kernel (`jax.custom_vjp`): the same grid, walking chunks in reverse. It reloads
 a chunk's saved start state, recomputes the chunk's states and decays in registers, then
@@ -115,16 +115,18 @@ class PallasScanConfig(NamedTuple):
     # for 16-step tiles against 705,179 for 32).
     sum_tile: Optional[int] = None
     sum_num_warps: int = 4
-    # What of selective_scan's work around the recurrence the kernels do. "delta" (the
-    # default): the dt bias and softplus (the kernels read the raw bf16 delta, so XLA writes
-    # no fp32 (B, L, E) copy of it); D and the gate stay with XLA. true: all four, with y
-    # written in bf16. false: none. Measured on one H100 (benchmarks/NOTES.md, section 12,
-    # tok/s against false in the same call): "delta" prefills B=1 at 8k / 64k 611,726 /
-    # 746,566 against 602,750 / 741,439 and trains at B=8 L=2k / B=1 L=16k 156,816 /
-    # 155,830 against 155,843 / 149,706. true trains at 158,035 / 150,591 with 2 GiB more
-    # memory and prefills slower (719,170 at 64k): the gate costs the forward kernel more
-    # than XLA's pass over y.
-    fuse: Union[bool, str] = "delta"
+    # What of selective_scan's work around the recurrence the kernels do. "delta": the dt
+    # bias and softplus (the kernels read the raw bf16 delta, so XLA writes no fp32
+    # (B, L, E) copy of it); D and the gate stay with XLA. true: all four, with y written
+    # in bf16. false: none. "auto" (the default): "delta" where the forward splits the
+    # sequence into segments, else false. Measured on one H100 (benchmarks/NOTES.md,
+    # section 12, tok/s, "delta" against false in the same call): with segments, prefill
+    # B=1 at 8k / 64k 617,213 / 752,218 against 613,036 / 748,554, training at B=2 L=8k
+    # 157,691 against 151,871 and B=1 L=16k 156,486 against 149,784; without, training at
+    # B=8 L=2k 157,049 against 156,742 but at B=4 L=4k 136,952 against 148,462 (the fused
+    # backward kernel took 42.5 ms per step instead of 28.0). true trains at B=8 1% faster
+    # than false with 2 GiB more memory and prefills 3% slower.
+    fuse: Union[bool, str] = "auto"
     # What the backward kernel fuses: "all"; "nogate" (all but the gate, whose chain rule
     # XLA applies from the forward's saved pre-gate output); "off" (XLA does everything
     # around the plain scan adjoint).
@@ -152,8 +154,8 @@ class PallasScanConfig(NamedTuple):
             if wanted and type(value) not in kinds:
                 raise ValueError(f"pallas scan option {name}={value!r}: give {wanted} (options are separated"
                                  " by ':', as in pallas:block_e=32:chunk=8)")
-        if config.fuse not in (False, True, "delta"):
-            raise ValueError(f"pallas scan option fuse={config.fuse!r}; choose true, false or delta")
+        if config.fuse not in (False, True, "delta", "auto"):
+            raise ValueError(f"pallas scan option fuse={config.fuse!r}; choose auto, true, false or delta")
         if config.bwd_fuse not in ("all", "nogate", "off"):
             raise ValueError(f"pallas scan option bwd_fuse={config.bwd_fuse!r}; choose all, nogate or off")
         if config.fwd_bc not in ("input", "float32"):
@@ -756,7 +758,10 @@ def pallas_selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, de
     u's dtype, so no fp32 (B, L, E) copy of them is made. Masked positions get u = 0 and a
     delta of exactly 0, as in `selective_scan`.
     """
-    fuse = PallasScanConfig.from_options(**options).fuse
+    cfg = PallasScanConfig.from_options(**options)
+    fuse = cfg.fuse
+    if fuse == "auto":  # see PallasScanConfig.fuse
+        fuse = "delta" if _tiling(cfg, *u.shape)[1] > 1 else False
     if not fuse:  # XLA does the work around the kernels
         from biomamba_jax.scan import _finish_output, _prepare_delta
 
