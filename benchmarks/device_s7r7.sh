@@ -1,8 +1,7 @@
 #!/usr/bin/env bash
 # Session 7, call 7 (one H100): the final numbers under fuse=auto (fuse=delta where the
-# forward runs in segments, fuse=false elsewhere), against `pallas:fuse=false` (call 2's
-# code path) and `pallas:fuse=delta` in the same call. GPU check; the length sweep at
-# 16,384 tokens per step; prefill B=1 at 8k and 64k.
+# forward runs in segments, fuse=false elsewhere), against `pallas:fuse=false` in the same
+# call. GPU check; the length sweep at 16,384 tokens per step; prefill B=1 at 8k and 64k.
 set -u
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"

@@ -24,7 +24,9 @@ Status: values and gradients tested against `reference` in interpret mode on CPU
 to Triton IR for CUDA on CPU, and checked on an H100 (JAX 0.11.2). Slower than "pallas" at
 every shape and tiling timed (`device_tp1.sh`, `device_s5r2.sh`; benchmarks/NOTES.md
 section 10): Triton's scan along the tile's first axis crosses warps, and fewer warps were
-always faster. Not wired into the library.
+always faster. Its exp is the library's `_exp` (ex2.approx on the GPU) since session 7;
+re-timed then (`device_s7r2.sh`, section 12), it stayed far behind: prefill B=1 64k
+505,158 tok/s against 740,782. Not wired into the library.
 """
 
 from __future__ import annotations
