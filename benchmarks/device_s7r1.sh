@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# For the next session's first call (one GPU; not run yet: session 6's device time ran
-# out). `pallas:fwd_bc=float32` (the forward's kernels read B and C in fp32, converted by
+# Session 7, call 1 (one GPU; written at the end of session 6, whose device time ran out).
+# `pallas:fwd_bc=float32` (the forward's kernels read B and C in fp32, converted by
 # XLA, instead of unpacking bf16 rows in every thread) against the default in the same
 # call. SASS per loop trip for sm_90 (benchmarks/kernel_sass.py, pip Triton 3.5.1):
 # forward 823 -> 723 instructions, segment sums 472 -> 453; registers 128 -> 167.

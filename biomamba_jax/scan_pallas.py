@@ -606,8 +606,9 @@ def _backward(cfg, plan, residuals, dy, dfinal):
         extras = [x for x, on in ((bias, fusion.bias), (z, fusion.gate)) if on]
         kernel = functools.partial(_segment_start_adjoint_kernel, plan=plan, block_e=cfg.block_e,
                                    tile=_sum_tile(plan, cfg))
-        local, totals = _call(kernel, [segment_state, jax.ShapeDtypeStruct((batch, S, channels), f32)],
-                              (batch, channels // cfg.block_e, S), cfg, cfg.sum_num_warps, (delta, A, C, dy, *extras))
+        segment_totals = jax.ShapeDtypeStruct((batch, S, channels), f32)
+        local, totals = _call(kernel, [segment_state, segment_totals], (batch, channels // cfg.block_e, S), cfg,
+                              cfg.sum_num_warps, (delta, A, C, dy, *extras))
         decays = _segment_decays(totals, A)
         # The adjoint entering segment s from its right is decay_{s+1} * (the one entering
         # segment s+1) + segment s+1's start adjoint from zero; the last receives dfinal.
