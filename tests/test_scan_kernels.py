@@ -452,6 +452,7 @@ def test_segment_decays_come_from_the_pass_one_kernels_not_a_second_read_of_delt
     batch, length, channels = 1, 64, 8
     x = inputs(2, batch, length, channels, 4)
     options = dict(SEGMENTED, segments=4, bwd_segments=4)
+
     def loss(*a):  # no (B, L, E) reduction of its own: the last step's y and the final state
         y, final = pallas_scan(*a, **options)
         return jnp.sum(y[:, -1]) + jnp.sum(final)
