@@ -686,8 +686,9 @@ def _segment_count(cfg: PallasScanConfig, programs: int, length: int) -> int:
 
 
 def _tiling(cfg: PallasScanConfig, batch: int, length: int, channels: int):
-    """Clamp the config to the shape and pick the forward's and the backward's segment
-    counts: (cfg, segments, bwd_segments)."""
+    """Clamp the config to the shape, resolve its shape-dependent defaults (None tilings,
+    fuse="auto") and pick the forward's and the backward's segment counts:
+    (cfg, segments, bwd_segments)."""
     programs = lambda block_e: batch * -(-channels // block_e)
     block_e = cfg.block_e or (16 if programs(16) >= cfg.min_programs else 32)
     block_e = min(block_e, _next_pow2(channels))
@@ -697,7 +698,8 @@ def _tiling(cfg: PallasScanConfig, batch: int, length: int, channels: int):
     bwd_block_e = cfg.bwd_block_e or (8 if bwd_segments > 1 else 4)
     bwd_block_e = min(bwd_block_e, _next_pow2(channels))
     sum_tile = cfg.sum_tile or max(1, 512 // block_e)
-    cfg = cfg._replace(block_e=block_e, bwd_block_e=bwd_block_e, chunk=chunk, sum_tile=sum_tile)
+    fuse = ("delta" if segments > 1 else False) if cfg.fuse == "auto" else cfg.fuse  # see PallasScanConfig.fuse
+    cfg = cfg._replace(block_e=block_e, bwd_block_e=bwd_block_e, chunk=chunk, sum_tile=sum_tile, fuse=fuse)
     return cfg, segments, bwd_segments
 
 
@@ -759,10 +761,7 @@ def pallas_selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, de
     u's dtype, so no fp32 (B, L, E) copy of them is made. Masked positions get u = 0 and a
     delta of exactly 0, as in `selective_scan`.
     """
-    cfg = PallasScanConfig.from_options(**options)
-    fuse = cfg.fuse
-    if fuse == "auto":  # see PallasScanConfig.fuse
-        fuse = "delta" if _tiling(cfg, *u.shape)[1] > 1 else False
+    fuse = _tiling(PallasScanConfig.from_options(**options), *u.shape)[0].fuse
     if not fuse:  # XLA does the work around the kernels
         from biomamba_jax.scan import _finish_output, _prepare_delta
 

@@ -104,6 +104,10 @@ def test_segment_count_fills_the_grid_and_respects_the_minimum_length():
     assert _tiling(PallasScanConfig(), 1, 16384, 1536)[1] == 16  # no segment over 1024 steps
     assert _tiling(PallasScanConfig(), 8, 2048, 1536)[1] == 1  # training grid is full already
     assert _tiling(PallasScanConfig(), 8, 16384, 1536)[1] == 1  # ... at any length
+    # fuse="auto" resolves with the segments: the delta fused where the sequence is split.
+    assert _tiling(PallasScanConfig(), 1, 8192, 1536)[0].fuse == "delta"
+    assert _tiling(PallasScanConfig(), 8, 2048, 1536)[0].fuse is False
+    assert _tiling(PallasScanConfig(fuse=True), 8, 2048, 1536)[0].fuse is True
     assert _tiling(PallasScanConfig(), 4, 4096, 1536)[1] == 1  # 384 programs: not split
     assert _tiling(PallasScanConfig(), 2, 8192, 1536)[1] == 8  # 192 programs: split
     assert _tiling(PallasScanConfig(), 1, 600, 1536)[1] == 1  # too short to split
