@@ -1,7 +1,7 @@
 """Command-line converters between PyTorch Mamba-1 checkpoints and the native JAX format.
 
 `torch_to_jax.main(argv)` and `jax_to_torch.main(argv)` hold the command-line logic so
-tests call them in-process; the conversion itself lives in `biomamba_jax.pretrained`.
+tests call them in-process; the conversion itself lives in `biomamba_jax.checkpoints.load`.
 This module holds what both commands share: the progress and summary lines, the
 tokenizer files that travel with a checkpoint, and the error-to-exit-code rule.
 """
@@ -14,8 +14,8 @@ from typing import Callable
 
 import numpy as np
 
-from biomamba_jax.config import ConfigError, MambaConfig
-from biomamba_jax.convert import CONVERSION_TABLE, ConversionError
+from biomamba_jax.model.config import ConfigError, MambaConfig
+from biomamba_jax.checkpoints.convert import CONVERSION_TABLE, ConversionError
 
 # Files of a Hugging Face tokenizer that make a checkpoint directory self-contained.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")

@@ -10,11 +10,12 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as `python conversions/jax_to_torch.py`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from biomamba_jax.convert import ConversionError
-from biomamba_jax.model_card import model_card
-from biomamba_jax.pretrained import detect_format, export_hf, export_mamba_ssm, load_checkpoint, resolve_source
-from biomamba_jax.runs import find_tokenizer, load_model, run_dir_of
-from biomamba_jax.tokenizer import load_tokenizer
+from biomamba_jax.checkpoints.convert import ConversionError
+from biomamba_jax.checkpoints.model_card import model_card
+from biomamba_jax.checkpoints.load import detect_format, load_checkpoint, resolve_source
+from biomamba_jax.checkpoints.export import export_hf, export_mamba_ssm
+from biomamba_jax.checkpoints.runs import find_tokenizer, load_model, run_dir_of
+from biomamba_jax.data.tokenizer import load_tokenizer
 from conversions import parameter_count, print_summary, run_command, tensor_count, tokenizer_files_in
 
 PROGRAM = "jax_to_torch.py"

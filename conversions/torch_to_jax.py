@@ -9,8 +9,9 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as `python conversions/torch_to_jax.py`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from biomamba_jax.config import COMPUTE_DTYPES
-from biomamba_jax.pretrained import detect_format, load_checkpoint, resolve_source, save_pretrained
+from biomamba_jax.model.config import COMPUTE_DTYPES
+from biomamba_jax.checkpoints.load import detect_format, load_checkpoint, resolve_source
+from biomamba_jax.checkpoints.export import save_pretrained
 from conversions import parameter_count, print_summary, run_command, tensor_count, tokenizer_files_in
 
 PROGRAM = "torch_to_jax.py"

@@ -116,7 +116,7 @@ def add_profile(row, args, fn, *fn_args):
     """With --profile, the per-op device time of fn(*fn_args) goes into the row and is printed."""
     if not args.profile:
         return
-    from biomamba_jax.profiling import profile_ops
+    from biomamba_jax.training.profiling import profile_ops
 
     try:
         summary = profile_ops(fn, *fn_args, calls=3, top=args.profile)
@@ -139,7 +139,7 @@ def rel_err(a, b):
 # ------------------------------------------------------------------ impl strings
 def normalised_scan(spec: str):
     """The normalised-signature scan an impl string names, options applied."""
-    from biomamba_jax.scan import SCAN_IMPLS, parse_scan_impl
+    from biomamba_jax.model.scan import SCAN_IMPLS, parse_scan_impl
 
     name, options = parse_scan_impl(spec)
     return functools.partial(SCAN_IMPLS[name], **options)
@@ -182,7 +182,7 @@ def layer_inputs(seed, batch, length, channels, d_state, dtype):
 
 
 def layer_loss(impl, weights):
-    from biomamba_jax.scan import selective_scan
+    from biomamba_jax.model.scan import selective_scan
 
     def loss(x):
         y, final = selective_scan(**x, delta_softplus=True, return_final_state=True, impl=impl)
@@ -255,8 +255,8 @@ def bench_scan(impls, shape, args, results):
 def build_model(args, impl):
     from flax import nnx
 
-    from biomamba_jax.config import MambaConfig
-    from biomamba_jax.model import MambaLM
+    from biomamba_jax.model.config import MambaConfig
+    from biomamba_jax.model.mamba import MambaLM
 
     overrides = dict(dtype=args.dtype, scan_impl=impl, remat=args.remat, scan_layers=args.scan_layers == "true")
     if args.layers:
@@ -339,7 +339,7 @@ def bench_prefill(impl, length, args, results):
 
 
 def bench_decode(impl, batch, unroll, args, results):
-    from biomamba_jax.generate import generate
+    from biomamba_jax.model.generate import generate
 
     cfg, model = build_model(args, impl)
     ids = jax.random.randint(jax.random.PRNGKey(3), (batch, args.prompt), 0, cfg.vocab_size - 8)
@@ -371,7 +371,7 @@ def bench_torch(args, results):
     if not torch.cuda.is_available():
         print("torch comparison skipped: no CUDA")
         return None
-    from biomamba_jax.config import MambaConfig
+    from biomamba_jax.model.config import MambaConfig
 
     c = MambaConfig.preset(args.preset, **({"n_layer": args.layers} if args.layers else {}))
     hf = HFConfig(vocab_size=c.vocab_size, hidden_size=c.d_model, state_size=c.d_state,
@@ -431,7 +431,7 @@ def print_table(results):
 
 def main(argv=None):
     args = parse_args(argv)
-    import biomamba_jax.scan  # noqa: F401  (registers every impl)
+    import biomamba_jax.model.scan  # noqa: F401  (registers every impl)
 
     for path in args.plugin:
         if not os.path.isfile(path):

@@ -16,7 +16,7 @@ are cached per (model, set) in OUT/cache: re-running reuses what is finished.
 import argparse
 import sys
 
-from biomamba_jax.evaluate import EvalInputError, EvalSettings, evaluate, load_sets, resolve_models, write_report
+from biomamba_jax.evaluation.evaluate import EvalInputError, EvalSettings, evaluate, load_sets, resolve_models, write_report
 
 
 def parse_args(argv=None):

@@ -15,9 +15,9 @@ are `section.key=value` pairs on top of the preset (biomamba_jax/configs/*.yaml)
 import argparse
 import sys
 
-from biomamba_jax.finetune import finetune
-from biomamba_jax.run_config import list_presets, load_run_config
-from biomamba_jax.trainer import USER_ERRORS
+from biomamba_jax.training.finetune import finetune
+from biomamba_jax.training.config import list_presets, load_run_config
+from biomamba_jax.training.loop import USER_ERRORS
 
 
 def parse_args(argv=None):

@@ -16,7 +16,7 @@ import json
 import sys
 from pathlib import Path
 
-from biomamba_jax.generate_cli import GenerateError, batch_complete, load_generator, stream_complete
+from biomamba_jax.generation import GenerateError, batch_complete, load_generator, stream_complete
 
 
 def parse_args(argv=None):

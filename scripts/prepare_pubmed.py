@@ -27,7 +27,7 @@ from biomamba_jax.data.pubmed import (
     download_pubmed_baseline,
     prepare_pubmed,
 )
-from biomamba_jax.tokenizer import DEFAULT_TOKENIZER
+from biomamba_jax.data.tokenizer import DEFAULT_TOKENIZER
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

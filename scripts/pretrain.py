@@ -15,8 +15,9 @@ an unknown key stops the run before anything is compiled.
 import argparse
 import sys
 
-from biomamba_jax.run_config import list_presets, load_run_config
-from biomamba_jax.trainer import USER_ERRORS, pretrain
+from biomamba_jax.training.config import list_presets, load_run_config
+from biomamba_jax.training.loop import USER_ERRORS
+from biomamba_jax.training.pretrain import pretrain
 
 
 def parse_args(argv=None):

@@ -28,7 +28,7 @@ TRAINING = Path(__file__).resolve().parent / "fixtures" / "bioasq" / "training_t
 def tokenizer():
     if not TOKENIZER_JSON.exists():
         pytest.skip(f"shared tokenizer not found at {TOKENIZER_JSON} (a clone without ../shared/data)")
-    from biomamba_jax.tokenizer import load_tokenizer
+    from biomamba_jax.data.tokenizer import load_tokenizer
 
     return load_tokenizer(TOKENIZER_JSON)
 

@@ -10,15 +10,10 @@ import pytest
 import torch
 from safetensors.numpy import load_file, save_file
 
-from biomamba_jax.config import ConfigError
-from biomamba_jax.convert import ConversionError
-from biomamba_jax.pretrained import (
-    export_hf,
-    from_pretrained,
-    load_checkpoint,
-    model_params,
-    save_pretrained,
-)
+from biomamba_jax.model.config import ConfigError
+from biomamba_jax.checkpoints.convert import ConversionError
+from biomamba_jax.checkpoints.load import from_pretrained, load_checkpoint, model_params
+from biomamba_jax.checkpoints.export import export_hf, save_pretrained
 from torch_models import random_hf_mamba
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # conversions/ is not installed

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from biomamba_jax.evaluate import EvalInputError, load_sets, resolve_models
-from biomamba_jax.tokenizer import load_tokenizer, write_byte_level_tokenizer
+from biomamba_jax.evaluation.evaluate import EvalInputError, load_sets, resolve_models
+from biomamba_jax.data.tokenizer import load_tokenizer, write_byte_level_tokenizer
 from torch_models import random_hf_mamba
 
 REPO = Path(__file__).resolve().parents[1]

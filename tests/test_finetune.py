@@ -6,9 +6,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from biomamba_jax.finetune import ExampleBatches, finetune, split_by_id
-from biomamba_jax.run_config import load_run_config
-from biomamba_jax.trainer import RunError
+from biomamba_jax.training.finetune import ExampleBatches, finetune, split_by_id
+from biomamba_jax.training.config import load_run_config
+from biomamba_jax.training.loop import RunError
 
 FIXTURES = Path(__file__).parent / "fixtures" / "bioasq"
 TINY = FIXTURES / "training_tiny.json"
@@ -44,9 +44,9 @@ def test_export_of_the_run_loads_in_transformers_with_same_logits_and_tokens(fin
     import torch
     from transformers import AutoTokenizer, MambaForCausalLM
 
-    from biomamba_jax.pretrained import model_from_params
-    from biomamba_jax.runs import load_model
-    from biomamba_jax.tokenizer import load_tokenizer
+    from biomamba_jax.checkpoints.load import model_from_params
+    from biomamba_jax.checkpoints.runs import load_model
+    from biomamba_jax.data.tokenizer import load_tokenizer
     from conversions import jax_to_torch
 
     out_dir, _ = finetuned

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from biomamba_jax.beam import _beam_search_jit, beam_search
-from biomamba_jax.config import MambaConfig
-from biomamba_jax.generate import generate, left_pad
-from biomamba_jax.model import MambaLM
+from biomamba_jax.model.beam import _beam_search_jit, beam_search
+from biomamba_jax.model.config import MambaConfig
+from biomamba_jax.model.generate import generate, left_pad
+from biomamba_jax.model.mamba import MambaLM
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +73,7 @@ def test_precast_weights_and_unrolled_layers_give_identical_bf16_steps():
     """The decode loop's speed-ups change nothing: kernels cast to bf16 once before the
     loop, per-layer weights and the tied output matrix prepared once (`decode_weights`),
     and the layer loop unrolled (cache updated in place) give the bits of the plain step."""
-    from biomamba_jax.generate import matmul_weights_in_compute_dtype
+    from biomamba_jax.model.generate import matmul_weights_in_compute_dtype
 
     config = MambaConfig.preset("tiny", vocab_size=48, dtype="bfloat16", scan_impl="reference")
     bf16_model = MambaLM(config, rngs=nnx.Rngs(4))

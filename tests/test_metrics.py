@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from biomamba_jax.metrics import factoid_scores, first_match_rank, lm_scores
+from biomamba_jax.evaluation.metrics import factoid_scores, first_match_rank, lm_scores
 
 CASES = json.loads((Path(__file__).parent / "fixtures" / "bioasq" / "metrics_cases.json").read_text())
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 from flax import nnx
 
-from biomamba_jax.generate import generate, left_pad
-from biomamba_jax.pretrained import from_pretrained, model_params, model_from_params
+from biomamba_jax.model.generate import generate, left_pad
+from biomamba_jax.checkpoints.load import from_pretrained, model_params, model_from_params
 from torch_models import MAMBA_130M_HF, random_hf_mamba
 
 
@@ -127,7 +127,7 @@ def test_generate_stops_at_eos_and_pads(tiny_pair):
 
 
 def test_sampling_controls(tiny_pair):
-    from biomamba_jax.generate import sample_next_token
+    from biomamba_jax.model.generate import sample_next_token
 
     logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]]))
     keys = jax.random.split(jax.random.PRNGKey(0), 400)
@@ -143,7 +143,7 @@ def test_sampling_controls(tiny_pair):
 
 
 def test_generate_compiles_once_per_setting(tiny_pair):
-    from biomamba_jax.generate import _generate_jit
+    from biomamba_jax.model.generate import _generate_jit
 
     _, model, _ = tiny_pair
     generate(model, [[1, 2, 3]], max_new_tokens=4, eos_token_id=None)
@@ -173,7 +173,7 @@ def test_remat_and_scan_impl_do_not_change_values(tiny_pair):
 
 def test_causal_depthwise_conv_equals_grouped_lax_conv():
     """The shifted multiply-add conv against Flax's grouped convolution: values and grads."""
-    from biomamba_jax.model import causal_depthwise_conv
+    from biomamba_jax.model.mamba import causal_depthwise_conv
 
     conv = nnx.Conv(6, 6, kernel_size=(4,), feature_group_count=6, padding=((3, 0),), use_bias=True,
                     rngs=nnx.Rngs(0))

@@ -12,8 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from biomamba_jax.run_config import RunConfigError, load_run_config
-from biomamba_jax.trainer import RunError, pretrain
+from biomamba_jax.training.config import RunConfigError, load_run_config
+from biomamba_jax.training.loop import RunError
+from biomamba_jax.training.pretrain import pretrain
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "pretrain.py"
@@ -110,7 +111,7 @@ def test_sigterm_saves_and_exits_zero(data_dir, tmp_path):
     stdout, stderr = process.communicate(timeout=300)
     assert process.returncode == 0, stderr[-3000:]
     assert "SIGTERM: saved step" in stdout
-    from biomamba_jax.checkpointing import Checkpointer
+    from biomamba_jax.training.checkpointing import Checkpointer
 
     assert Checkpointer(tmp_path / "run" / "checkpoints").latest_step() >= 3
 
@@ -118,7 +119,7 @@ def test_sigterm_saves_and_exits_zero(data_dir, tmp_path):
 def test_kill_during_saves_leaves_a_loadable_latest_checkpoint(data_dir, tmp_path):
     """Checkpoint every step and SIGKILL at staggered moments: whatever was cut off, the
     latest complete checkpoint must restore and resuming must work."""
-    from biomamba_jax.checkpointing import Checkpointer
+    from biomamba_jax.training.checkpointing import Checkpointer
 
     out_dir = tmp_path / "run"
     for attempt, delay in enumerate((0.0, 0.15, 0.35)):
@@ -186,8 +187,9 @@ def test_consecutive_nonfinite_steps_stop_the_run_with_good_checkpoints(data_dir
     updates are skipped, K in a row stop the run, and what is on disk stays finite."""
     import jax
 
-    from biomamba_jax.checkpointing import Checkpointer
-    from biomamba_jax.trainer import Trainer
+    from biomamba_jax.training.checkpointing import Checkpointer
+    from biomamba_jax.training.loop import Trainer
+    from biomamba_jax.training.pretrain import PubmedTask
 
     config = run_config(data_dir, tmp_path / "run", "run.steps=50", "run.checkpoint_every=1",
                         "optim.peak_lr=1e30", "optim.warmup_steps=0", "optim.clip_norm=1e30",
@@ -197,7 +199,7 @@ def test_consecutive_nonfinite_steps_stop_the_run_with_good_checkpoints(data_dir
     checkpointer = Checkpointer(tmp_path / "run" / "checkpoints")
     latest = checkpointer.latest_step()
     assert latest is not None and latest < 50
-    trainer = Trainer.build(config, log=lambda *_: None)
+    trainer = Trainer.build(config, PubmedTask(config), log=lambda *_: None)
     restored = checkpointer.restore(trainer.layout.abstract_checkpoint(trainer.initial_state()))
     assert all(np.isfinite(np.asarray(leaf)).all() for leaf in jax.tree.leaves(restored.state.params))
     assert restored.meta["skipped_steps"] >= 1
@@ -205,7 +207,7 @@ def test_consecutive_nonfinite_steps_stop_the_run_with_good_checkpoints(data_dir
 
 def test_metrics_log_drops_a_torn_last_line(tmp_path):
     """After a kill mid-write, the resumed run's records stay one JSON object per line."""
-    from biomamba_jax.trainer import MetricsLog
+    from biomamba_jax.training.loop import MetricsLog
 
     (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "lo')
     log = MetricsLog(tmp_path, enabled=True)

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from biomamba_jax.profiling import op_category, profile_ops, summarize_trace
+from biomamba_jax.training.profiling import op_category, profile_ops, summarize_trace
 
 
 def _gpu_like_trace(path):
@@ -64,7 +64,7 @@ def test_categories():
 def test_step_profiler_window_and_busy_fraction(monkeypatch, tmp_path):
     """The window opens before step `first` and closes after step `first + steps - 1`;
     device_busy is device time over wall time, given for device traces only."""
-    import biomamba_jax.profiling as profiling
+    import biomamba_jax.training.profiling as profiling
 
     calls = []
     monkeypatch.setattr(jax.profiler, "start_trace", lambda *a, **k: calls.append("start"))

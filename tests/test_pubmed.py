@@ -49,7 +49,7 @@ def prepare(inputs, out_dir, tokenizer_json, **options):
 
 def split_texts(out_dir: Path, split: str, tokenizer_json: Path) -> dict[int, str]:
     """PMID -> decoded document text, read back from the shards via the documents file."""
-    from biomamba_jax.tokenizer import load_tokenizer
+    from biomamba_jax.data.tokenizer import load_tokenizer
 
     manifest = json.loads((out_dir / "manifest.json").read_text())
     info = manifest["splits"][split]
@@ -256,7 +256,7 @@ def test_rerun_reuses_caches_and_finished_shards_and_repairs_partial_ones(tmp_pa
     def must_not_parse(path):
         raise AssertionError(f"{path} was parsed again although its cache is complete")
 
-    monkeypatch.setattr(pubmed, "iter_pubmed_file", must_not_parse)
+    monkeypatch.setattr(pubmed.tokenize, "iter_pubmed_file", must_not_parse)
     again = prepare([BASELINE, UPDATE], out, tokenizer_json)
     assert (again.files_parsed, again.files_reused) == (0, 2)
     assert (again.shards_written, again.shards_reused) == (0, len(shards))

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from biomamba_jax.scan import SCAN_IMPLS, selective_scan, selective_state_update
+from biomamba_jax.model.scan import SCAN_IMPLS, selective_scan, selective_state_update
 
 FAST_IMPLS = [name for name in SCAN_IMPLS if name != "reference"]
 

@@ -6,9 +6,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from biomamba_jax.scan import AUTO_IMPL_BY_PLATFORM, SCAN_IMPLS, _reference_scan
-from biomamba_jax.scan_chunked import chunked_scan
-from biomamba_jax.scan_pallas import PallasScanConfig, pallas_scan
+from biomamba_jax.model.scan import SCAN_IMPLS, reference_scan
+from biomamba_jax.model.scan_options import AUTO_IMPL
+from biomamba_jax.model.scan_chunked import chunked_scan
+from biomamba_jax.model.scan_pallas import PallasScanConfig, pallas_scan
 
 
 def inputs(seed, batch, length, channels, d_state):
@@ -29,7 +30,7 @@ def rel_err(a, b):
 
 
 def assert_matches_reference(fn, x, grads=True):
-    y_ref, final_ref = _reference_scan(*x)
+    y_ref, final_ref = reference_scan(*x)
     y, final = jax.jit(fn)(*x)
     assert rel_err(y, y_ref) < 1e-5
     assert rel_err(final, final_ref) < 1e-5
@@ -39,7 +40,7 @@ def assert_matches_reference(fn, x, grads=True):
         def loss(scan):
             return lambda *a: jnp.sum(scan(*a)[0] * w) + jnp.sum(scan(*a)[1] ** 2)
 
-        g_ref = jax.grad(loss(_reference_scan), argnums=tuple(range(6)))(*x)
+        g_ref = jax.grad(loss(reference_scan), argnums=tuple(range(6)))(*x)
         g = jax.jit(jax.grad(loss(fn), argnums=tuple(range(6))))(*x)
         for name, a, b in zip(("u", "delta", "A", "B", "C", "h0"), g, g_ref):
             assert rel_err(a, b) < 1e-5, name
@@ -47,9 +48,9 @@ def assert_matches_reference(fn, x, grads=True):
 
 def test_impls_registered_and_auto_choices():
     assert {"chunked", "pallas"} <= set(SCAN_IMPLS)
-    assert AUTO_IMPL_BY_PLATFORM["cpu"] == "chunked"
-    assert AUTO_IMPL_BY_PLATFORM["tpu"] == "chunked"
-    assert AUTO_IMPL_BY_PLATFORM["gpu"] == "pallas"
+    assert AUTO_IMPL["cpu"] == "chunked"
+    assert AUTO_IMPL["tpu"] == "chunked"
+    assert AUTO_IMPL["gpu"] == "pallas"
 
 
 @pytest.mark.parametrize("chunk", [1, 4, 7, 16, 64])
@@ -68,7 +69,7 @@ def test_chunked_grads_with_padding(inner):
 def test_chunked_without_initial_state():
     x = inputs(3, 1, 10, 3, 2)[:5] + (None,)
     y, final = chunked_scan(*x, chunk=4)
-    y_ref, final_ref = _reference_scan(*x)
+    y_ref, final_ref = reference_scan(*x)
     assert rel_err(y, y_ref) < 1e-5 and rel_err(final, final_ref) < 1e-5
 
 
@@ -94,7 +95,7 @@ SEGMENTED = dict(chunk=4, block_e=8, min_programs=64, target_programs=64, min_se
 
 
 def test_segment_count_fills_the_grid_and_respects_the_minimum_length():
-    from biomamba_jax.scan_pallas import _tiling
+    from biomamba_jax.model.scan_pallas import _tiling
 
     # Mamba-130m at batch 1: 48 programs of 32 channels, so an 8k prompt runs as 16
     # segments of 512 steps (the shortest allowed), a 64k one as 64 of 1024.
@@ -140,7 +141,7 @@ def test_segment_sums_match_the_recurrence_for_any_tile(length, segments, tile, 
     """The sum kernels' tiles: one step, two, one clamped to the largest power of two that
     divides a 12-step segment, and the default 32 steps, with deltas large enough that
     exp(A * delta summed) spans many orders of magnitude."""
-    from biomamba_jax.scan_pallas import _Fusion, _Plan, _sum_tile
+    from biomamba_jax.model.scan_pallas import _Fusion, _Plan, _sum_tile
 
     x = list(inputs(11, 1, length, 12, 4))
     x[1] = x[1] * 4.0
@@ -157,7 +158,7 @@ def test_pallas_forward_and_backward_segment_independently(segments, bwd_segment
     sequence differently (fewer programs per pass, no adjoint pass when it does not split)."""
     options = dict(SEGMENTED, segments=segments, bwd_segments=bwd_segments)
     assert_matches_reference(functools.partial(pallas_scan, **options), inputs(3, 2, 70, 12, 4))
-    from biomamba_jax.scan_pallas import _tiling
+    from biomamba_jax.model.scan_pallas import _tiling
 
     _, fwd, bwd = _tiling(PallasScanConfig(**options), 2, 70, 12)
     assert (fwd, bwd) == (segments, bwd_segments)
@@ -174,7 +175,7 @@ def test_segmented_selective_scan_with_mask_matches_reference(dtype, tolerance, 
     """selective_scan through the kernels with segments and a mask, in fp32 and bf16: XLA
     doing bias, softplus, D and gate around the kernels (the default), or the kernels doing
     them, with the backward fusing all of it, all but the gate, or none of it."""
-    from biomamba_jax.scan import selective_scan
+    from biomamba_jax.model.scan import selective_scan
 
     batch, length, channels, d_state = 2, 75, 12, 4
     k = jax.random.split(jax.random.PRNGKey(5), 9)
@@ -209,7 +210,7 @@ def test_segmented_selective_scan_with_mask_matches_reference(dtype, tolerance, 
 def test_bias_without_softplus_leaves_padded_and_masked_steps_alone(impl):
     """A dt bias without the softplus: padded steps (13 is not a multiple of the chunk) and
     masked steps must leave the state alone, as in the reference, in values and gradients."""
-    from biomamba_jax.scan import selective_scan
+    from biomamba_jax.model.scan import selective_scan
 
     k = jax.random.split(jax.random.PRNGKey(6), 6)
     batch, length, channels, d_state = 2, 13, 6, 4
@@ -233,7 +234,7 @@ def test_bias_without_softplus_leaves_padded_and_masked_steps_alone(impl):
 
 
 def test_impl_string_options_and_errors():
-    from biomamba_jax.scan import parse_scan_impl
+    from biomamba_jax.model.scan import parse_scan_impl
 
     assert parse_scan_impl("pallas:block_e=32:interpret=true") == ("pallas", dict(block_e=32, interpret=True))
     assert parse_scan_impl("chunked:chunk=64:inner=sequential") == ("chunked", dict(chunk=64, inner="sequential"))
@@ -259,7 +260,7 @@ def test_impl_string_options_and_errors():
 
 
 def test_pallas_picks_interpret_off_gpu():
-    from biomamba_jax.scan_pallas import _interpret
+    from biomamba_jax.model.scan_pallas import _interpret
 
     assert _interpret(PallasScanConfig()) == (jax.default_backend() != "gpu")
     assert _interpret(PallasScanConfig(interpret=True)) is True
@@ -273,8 +274,8 @@ def test_pallas_longer_sequence_many_chunks():
 
 def test_fuse_false_leaves_bias_softplus_skip_and_gate_to_xla(monkeypatch):
     """fuse=false runs the plain kernels, fuse=delta and fuse=true the fused ones."""
-    import biomamba_jax.scan_pallas as scan_pallas
-    from biomamba_jax.scan import selective_scan
+    import biomamba_jax.model.scan_pallas as scan_pallas
+    from biomamba_jax.model.scan import selective_scan
 
     calls = []
     plain = scan_pallas.pallas_scan
@@ -312,7 +313,7 @@ def test_backward_partials_take_the_dtype_of_b_and_c(partials, dtype):
     grad = jax.grad(loss(fn), argnums=(3, 4))
     assert f"{dtype}[1,2,16,4]" in str(jax.make_jaxpr(grad)(*args))  # (batch, 8 / 4 blocks, L, N)
     up = lambda t: t.astype(jnp.float32)
-    g_ref = jax.grad(loss(_reference_scan), argnums=(3, 4))(*map(up, args))
+    g_ref = jax.grad(loss(reference_scan), argnums=(3, 4))(*map(up, args))
     for g, ref in zip(jax.jit(grad)(*args), g_ref):
         assert g.dtype == jnp.bfloat16 and rel_err(g, ref) < 1e-2
 
@@ -323,8 +324,8 @@ def test_remat_scan_keeps_the_scan_residuals_and_the_gradients(impl, capsys):
     not rerun the forward kernel) and gives the same gradients as remat="full"."""
     from flax import nnx
 
-    from biomamba_jax.config import MambaConfig
-    from biomamba_jax.model import MambaBlock, MambaLM, _REMAT_POLICIES
+    from biomamba_jax.model.config import MambaConfig
+    from biomamba_jax.model.mamba import MambaBlock, MambaLM, _REMAT_POLICIES
 
     config = MambaConfig(d_model=16, n_layer=2, vocab_size=64, d_state=4, scan_impl=impl, remat="scan")
     graphdef, state = nnx.split(MambaBlock(config, rngs=nnx.Rngs(0)))
@@ -349,7 +350,7 @@ def test_remat_scan_keeps_the_scan_residuals_and_the_gradients(impl, capsys):
 def test_segment_recurrence_is_the_step_by_step_composition(segments, reverse):
     """The associative scan that composes segment results (forward states, backward
     adjoints) against the plain loop it replaced."""
-    from biomamba_jax.scan_pallas import _segment_recurrence
+    from biomamba_jax.model.scan_pallas import _segment_recurrence
 
     k = jax.random.split(jax.random.PRNGKey(segments), 3)
     decays = jax.random.uniform(k[0], (2, segments, 3, 4))
@@ -365,8 +366,8 @@ def test_segment_recurrence_is_the_step_by_step_composition(segments, reverse):
 def test_fuse_delta_puts_only_bias_and_softplus_in_the_kernels(monkeypatch):
     """fuse=delta: the kernels get the raw delta with the bias and softplus to apply, and
     no D or gate; fuse=true gives them all four."""
-    import biomamba_jax.scan_pallas as scan_pallas
-    from biomamba_jax.scan import selective_scan
+    import biomamba_jax.model.scan_pallas as scan_pallas
+    from biomamba_jax.model.scan import selective_scan
 
     fusions = []
     run = scan_pallas._run
@@ -387,7 +388,7 @@ def test_gpu_kernels_take_the_approximate_exp_unless_told_not_to(options, approx
     approx_math=false) in all four kernels of a segmented forward and backward, the fused
     softplus and sigmoid included; the softplus takes lg2.approx. (The interpreter always
     computes exactly: every other Pallas test here runs it with the default, true.)"""
-    from biomamba_jax.scan import selective_scan
+    from biomamba_jax.model.scan import selective_scan
 
     x = inputs(0, 1, 64, 16, 16)
     extras = dict(delta_bias=jnp.zeros(16), delta_softplus=True)
@@ -406,7 +407,7 @@ def test_fwd_bc_float32_hands_the_forward_kernels_fp32_b_and_c_and_changes_no_bi
     """fwd_bc=float32: XLA converts B and C for the forward's kernels (segment sums and
     pass 2); the backward still reads them, and writes its partials, in their own dtype.
     bf16 -> fp32 is exact and the kernels compute in fp32, so nothing else changes."""
-    import biomamba_jax.scan_pallas as scan_pallas
+    import biomamba_jax.model.scan_pallas as scan_pallas
 
     seen = []
     call = scan_pallas._call
@@ -472,8 +473,8 @@ def test_segment_decays_come_from_the_pass_one_kernels_not_a_second_read_of_delt
 def test_default_fuses_the_delta_only_where_the_sequence_is_split(monkeypatch, length, segmented):
     """fuse=auto (the default) is fuse=delta where the forward runs in segments and
     fuse=false elsewhere: measured faster at each shape on one H100 (NOTES section 12)."""
-    import biomamba_jax.scan_pallas as scan_pallas
-    from biomamba_jax.scan import selective_scan
+    import biomamba_jax.model.scan_pallas as scan_pallas
+    from biomamba_jax.model.scan import selective_scan
 
     fusions = []
     run = scan_pallas._run

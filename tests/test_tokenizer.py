@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import transformers
 
-from biomamba_jax import tokenizer as tokenizer_module
-from biomamba_jax.tokenizer import EOS_ID, load_tokenizer
+from biomamba_jax.data import tokenizer as tokenizer_module
+from biomamba_jax.data.tokenizer import EOS_ID, load_tokenizer
 
 SHARED_DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
 TOKENIZER_JSON = SHARED_DATA / "tokenizers" / "gpt-neox-20b" / "tokenizer.json"

@@ -11,8 +11,8 @@ import numpy as np
 import optax
 import pytest
 
-from biomamba_jax.parallel import BatchPlan, BatchSplitError
-from biomamba_jax.training import weight_decay_mask
+from biomamba_jax.training.parallel import BatchPlan, BatchSplitError
+from biomamba_jax.training.step import weight_decay_mask
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -58,9 +58,9 @@ def test_sharding_equals_pmap(four_ways):
 def test_weight_decay_mask_excludes_exactly_the_recipe_list():
     from flax import nnx
 
-    from biomamba_jax.config import MambaConfig
-    from biomamba_jax.model import MambaLM
-    from biomamba_jax.pretrained import model_params
+    from biomamba_jax.model.config import MambaConfig
+    from biomamba_jax.model.mamba import MambaLM
+    from biomamba_jax.checkpoints.load import model_params
 
     model = nnx.eval_shape(lambda: MambaLM(MambaConfig.preset("tiny", tie_embeddings=False), rngs=nnx.Rngs(0)))
     mask = weight_decay_mask(model_params(model))
@@ -78,7 +78,7 @@ def test_weight_decay_mask_excludes_exactly_the_recipe_list():
 
 
 def test_schedule_warms_up_then_decays_to_ten_percent():
-    from biomamba_jax.training import lr_schedule
+    from biomamba_jax.training.step import lr_schedule
 
     schedule = lr_schedule(6e-4, warmup_steps=10, total_steps=100, final_fraction=0.1)
     assert float(schedule(0)) == 0.0
@@ -102,11 +102,11 @@ def test_batch_plan_and_impossible_split():
 def test_nonfinite_step_is_skipped_and_counted():
     from flax import nnx
 
-    from biomamba_jax.config import MambaConfig
-    from biomamba_jax.model import MambaLM
-    from biomamba_jax.pretrained import model_params
-    from biomamba_jax.run_config import OptimSection
-    from biomamba_jax.training import TrainState, make_optimizer, make_train_step
+    from biomamba_jax.model.config import MambaConfig
+    from biomamba_jax.model.mamba import MambaLM
+    from biomamba_jax.checkpoints.load import model_params
+    from biomamba_jax.training.config import OptimSection
+    from biomamba_jax.training.step import TrainState, make_optimizer, make_train_step
 
     model = MambaLM(MambaConfig.preset("tiny", vocab_size=64), rngs=nnx.Rngs(0))
     params = model_params(model)
@@ -129,7 +129,7 @@ def _gradient_like_tree(seed, scale):
 
 
 def test_global_norm_is_optax_tree_norm():
-    from biomamba_jax.training import global_norm
+    from biomamba_jax.training.step import global_norm
 
     tree = _gradient_like_tree(0, 1.0)
     np.testing.assert_allclose(float(jax.jit(global_norm)(tree)), float(optax.tree.norm(tree)), rtol=1e-6)
@@ -141,7 +141,7 @@ def test_global_norm_is_optax_tree_norm():
 @pytest.mark.parametrize("scale", [1e-3, 10.0])  # below and above max_norm
 @pytest.mark.parametrize("given_norm", [False, True])
 def test_clip_matches_optax_with_or_without_a_given_norm(scale, given_norm):
-    from biomamba_jax.training import clip_by_global_norm, global_norm
+    from biomamba_jax.training.step import clip_by_global_norm, global_norm
 
     tree = _gradient_like_tree(1, scale)
     expected, _ = optax.clip_by_global_norm(1.0).update(tree, optax.EmptyState())
@@ -155,8 +155,8 @@ def test_clip_matches_optax_with_or_without_a_given_norm(scale, given_norm):
 def test_optimizer_state_layout_is_unchanged_so_old_checkpoints_resume():
     """The state must keep the layout of chain(optax.clip_by_global_norm, adamw), which
     checkpoints written before the clip took a given norm were saved with."""
-    from biomamba_jax.run_config import OptimSection
-    from biomamba_jax.training import lr_schedule, make_optimizer, weight_decay_mask
+    from biomamba_jax.training.config import OptimSection
+    from biomamba_jax.training.step import lr_schedule, make_optimizer, weight_decay_mask
 
     params = {"mixer": {"in_proj": {"kernel": jnp.ones((3, 4))}}, "norm_f": {"weight": jnp.ones(4)}}
     optim = OptimSection()
@@ -178,10 +178,10 @@ def test_train_step_takes_an_optimizer_without_extra_arguments():
     GradientTransformation (no **extra_args) must still work."""
     from flax import nnx
 
-    from biomamba_jax.config import MambaConfig
-    from biomamba_jax.model import MambaLM
-    from biomamba_jax.pretrained import model_params
-    from biomamba_jax.training import TrainState, make_train_step
+    from biomamba_jax.model.config import MambaConfig
+    from biomamba_jax.model.mamba import MambaLM
+    from biomamba_jax.checkpoints.load import model_params
+    from biomamba_jax.training.step import TrainState, make_train_step
 
     model = MambaLM(MambaConfig.preset("tiny", vocab_size=64), rngs=nnx.Rngs(0))
     params = model_params(model)

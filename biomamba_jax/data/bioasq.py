@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from biomamba_jax.tokenizer import EOS_ID
+from biomamba_jax.data.tokenizer import EOS_ID
 
 PROMPT_TEMPLATE = "Question: {question}\nContext: {context}\nAnswer:"
 ANSWER_TEMPLATE = " {answer}"

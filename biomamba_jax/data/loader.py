@@ -33,7 +33,7 @@ import grain
 import numpy as np
 
 from biomamba_jax.data.pubmed import MANIFEST_FORMAT, MANIFEST_NAME
-from biomamba_jax.tokenizer import EOS_ID
+from biomamba_jax.data.tokenizer import EOS_ID
 
 _PREPARE_HINT = "run scripts/prepare_pubmed.py first (or biomamba_jax.data.prepare_pubmed)"
 _PADDING_ROW = -1

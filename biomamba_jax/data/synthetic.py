@@ -14,7 +14,7 @@ import random
 from pathlib import Path
 from xml.sax.saxutils import escape
 
-from biomamba_jax.data.pubmed import atomic_output
+from biomamba_jax.files import atomic_output
 
 DRUGS = ("budesonide", "metformin", "atorvastatin", "rituximab", "tamoxifen", "imatinib",
          "lisinopril", "warfarin", "cisplatin", "dexamethasone", "insulin glargine", "azithromycin")

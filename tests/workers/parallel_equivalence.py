@@ -12,12 +12,12 @@ from flax import nnx
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
-from biomamba_jax.config import MambaConfig
-from biomamba_jax.model import MambaLM
-from biomamba_jax.parallel import BatchPlan, PmapLayout, ShardingLayout
-from biomamba_jax.pretrained import model_params
-from biomamba_jax.run_config import OptimSection
-from biomamba_jax.training import TrainState, make_optimizer, make_train_step
+from biomamba_jax.model.config import MambaConfig
+from biomamba_jax.model.mamba import MambaLM
+from biomamba_jax.training.parallel import BatchPlan, PmapLayout, ShardingLayout
+from biomamba_jax.checkpoints.load import model_params
+from biomamba_jax.training.config import OptimSection
+from biomamba_jax.training.step import TrainState, make_optimizer, make_train_step
 
 SEQ_LEN, GLOBAL_ROWS = 16, 16
 config = MambaConfig.preset("tiny", vocab_size=64, scan_impl="associative")

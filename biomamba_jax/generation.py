@@ -14,7 +14,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from .generate import generate, left_pad, sample_next_token
+from biomamba_jax.model.generate import generate, left_pad, sample_next_token
 
 __all__ = ["GenerateError", "Generator", "load_generator", "stream_complete", "batch_complete"]
 
@@ -31,11 +31,11 @@ class Generator:
 
 
 def load_generator(source: str, tokenizer: Optional[str] = None, dtype: str = "float32") -> Generator:
-    from .config import ConfigError
-    from .convert import ConversionError
-    from .pretrained import model_from_params
-    from .runs import find_tokenizer, load_model
-    from .tokenizer import EOS_ID, load_tokenizer
+    from biomamba_jax.model.config import ConfigError
+    from biomamba_jax.checkpoints.convert import ConversionError
+    from biomamba_jax.checkpoints.load import model_from_params
+    from biomamba_jax.checkpoints.runs import find_tokenizer, load_model
+    from biomamba_jax.data.tokenizer import EOS_ID, load_tokenizer
 
     try:
         config, params, _ = load_model(source, dtype=dtype, remat="none")

@@ -15,7 +15,9 @@ from typing import List, Optional, Sequence
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+from biomamba_jax.model.config import MambaConfig
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
 __all__ = ["RunConfig", "row_length", "load_run_config", "list_presets", "RunConfigError", "CONFIG_DIR"]
 
@@ -24,15 +26,21 @@ class RunConfigError(ValueError):
     """A run config that cannot be used, with the key and the fix named."""
 
 
+def _model_default(field: str):
+    """MambaConfig's default for a run-time model setting: the one place it is written."""
+    return MambaConfig.__dataclass_fields__[field].default
+
+
 @dataclasses.dataclass
 class ModelSection:
     preset: str = "mamba-130m"  # architecture when init == "random"
     vocab_size: Optional[int] = None  # with init == "random": None keeps the preset's
     init: str = "state-spaces/mamba-130m-hf"  # "random", a checkpoint dir, or a Hub id
-    dtype: str = "bfloat16"
-    scan_impl: str = "auto"
-    remat: str = "full"  # none | full | dots | scan (see MambaConfig)
-    scan_layers: bool = True  # false: layers written out one by one (faster step, slower compile)
+    # Run-time settings, documented on MambaConfig.
+    dtype: str = _model_default("dtype")
+    scan_impl: str = _model_default("scan_impl")
+    remat: str = _model_default("remat")
+    scan_layers: bool = _model_default("scan_layers")
 
 
 @dataclasses.dataclass

@@ -53,7 +53,7 @@ from jax.experimental import pallas as pl
 
 from jax.ad_checkpoint import checkpoint_name
 
-from biomamba_jax.scan import SCAN_RESIDUAL_NAMES, register_scan_impl
+from biomamba_jax.model.scan_math import SCAN_RESIDUAL_NAMES, finish_output, prepare_delta, start_state
 
 __all__ = ["pallas_scan", "pallas_selective_scan", "PallasScanConfig"]
 
@@ -703,18 +703,14 @@ def _tiling(cfg: PallasScanConfig, batch: int, length: int, channels: int):
     return cfg, segments, bwd_segments
 
 
-def _run(u, delta, A, B, C, h0, bias, D, z, fusion, options, scan=None, length_multiple=1):
-    """Pad to the kernel's tiling, choose segments, run, and slice the padding off.
-
-    `scan` replaces `_scan_padded` (same arguments and result), with L padded to a
-    multiple of `length_multiple` (a power of two) as well: how an experimental forward
-    kernel (benchmarks/time_parallel_forward.py) reuses the padding and the backward."""
+def _run(u, delta, A, B, C, h0, bias, D, z, fusion, options):
+    """Pad to the kernel's tiling, choose segments, run, and slice the padding off."""
     batch, length, channels = u.shape
     d_state = A.shape[-1]
     cfg, segments, bwd_segments = _tiling(PallasScanConfig.from_options(**options), batch, length, channels)
     widest = max(cfg.block_e, cfg.bwd_block_e)  # both powers of two
     padded_e = -(-channels // widest) * widest
-    steps = max(max(segments, bwd_segments) * cfg.chunk, length_multiple)  # all powers of two
+    steps = max(segments, bwd_segments) * cfg.chunk  # all powers of two
     padded_l = -(-length // steps) * steps
     bwd_fusion = {"all": fusion, "nogate": fusion._replace(gate=False), "off": _Fusion()}[cfg.bwd_fuse]
     plan = _Plan(cfg.chunk, padded_l // cfg.chunk, segments, bwd_segments, fusion, bwd_fusion,
@@ -729,7 +725,7 @@ def _run(u, delta, A, B, C, h0, bias, D, z, fusion, options, scan=None, length_m
 
     # Padded steps must leave the state alone: delta = 0 after the (fused) softplus.
     delta_pad = -jnp.inf if fusion.softplus else 0.0
-    y, final = (scan or _scan_padded)(
+    y, final = _scan_padded(
         cfg, plan,
         pad(u, 0, dl, de), pad(delta, 0, dl, de, value=delta_pad), pad(A, de, dn),
         pad(B, 0, dl, dn), pad(C, 0, dl, dn), pad(h0, 0, de, dn),
@@ -738,18 +734,12 @@ def _run(u, delta, A, B, C, h0, bias, D, z, fusion, options, scan=None, length_m
     return y[:, :length, :channels], final[:, :channels, :d_state]
 
 
-def _initial_state(initial_state, batch, channels, d_state):
-    if initial_state is None:
-        return jnp.zeros((batch, channels, d_state), f32)
-    return initial_state.astype(f32)
-
-
 def pallas_scan(u, delta, A, B, C, initial_state, **options):
-    """Selective scan through the Pallas kernels; same contract as `_reference_scan`
+    """Selective scan through the Pallas kernels; same contract as `scan.reference_scan`
     (delta with softplus applied, y in fp32 without D and gate). u, B and C may also come
     in a narrower dtype: the kernels compute in fp32 and return their gradients in the
     inputs' dtypes. `options` are `PallasScanConfig` fields, e.g. block_e=32, chunk=8."""
-    h0 = _initial_state(initial_state, *u.shape[::2], A.shape[-1])
+    h0 = start_state(initial_state, *u.shape[::2], A.shape[-1])
     return _run(u, delta, A, B, C, h0, None, None, None, _Fusion(), options)
 
 
@@ -763,15 +753,13 @@ def pallas_selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, de
     """
     fuse = _tiling(PallasScanConfig.from_options(**options), *u.shape)[0].fuse
     if not fuse:  # XLA does the work around the kernels
-        from biomamba_jax.scan import _finish_output, _prepare_delta
-
-        delta32 = _prepare_delta(delta, delta_bias, delta_softplus, mask)
+        delta32 = prepare_delta(delta, delta_bias, delta_softplus, mask)
         # u, B and C go in as they are (bf16 in training, where u is a bf16 activation, so
         # nothing is lost): the kernels read them as fp32 and return their gradients in
         # their own dtypes, which saves an fp32 (B, L, E) copy of u and of du per layer.
         u = u if mask is None else u * mask[..., None].astype(u.dtype)
         y, final = pallas_scan(u, delta32, A.astype(f32), B, C, initial_state, **options)
-        return _finish_output(y, u.astype(f32), D, z, u.dtype), final
+        return finish_output(y, u.astype(f32), D, z, u.dtype), final
     if delta_bias is not None and not delta_softplus:
         # Masked and padded steps must see delta exactly 0. With a softplus they get a raw
         # delta of -inf; without one, no raw value gives 0 after each channel's bias in the
@@ -785,17 +773,10 @@ def pallas_selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, de
         u = jnp.where(keep, u, jnp.zeros((), u.dtype))
         off = -jnp.inf if delta_softplus else 0.0
         delta = jnp.where(keep, delta, jnp.asarray(off, delta.dtype))
-    h0 = _initial_state(initial_state, *u.shape[::2], A.shape[-1])
+    h0 = start_state(initial_state, *u.shape[::2], A.shape[-1])
     as_f32 = lambda x: None if x is None else x.astype(f32)
     kernel_D, kernel_z = (None, None) if delta_only else (as_f32(D), z)
     y, final = _run(u, delta, A.astype(f32), B, C, h0, as_f32(delta_bias), kernel_D, kernel_z, fusion, options)
     if delta_only:
-        from biomamba_jax.scan import _finish_output
-
-        y = _finish_output(y, u.astype(f32), D, z, u.dtype)
+        y = finish_output(y, u.astype(f32), D, z, u.dtype)
     return y, final
-
-
-# Measured faster than "chunked" and "associative" on H100 (benchmarks/NOTES.md).
-register_scan_impl("pallas", pallas_scan, auto_for=("gpu",), options=PallasScanConfig._fields,
-                   fused=pallas_selective_scan)

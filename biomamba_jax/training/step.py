@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from .config import MambaConfig
+from biomamba_jax.model.config import MambaConfig
 
 __all__ = [
     "TrainState",

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from .model import MambaLM
+from biomamba_jax.model.mamba import MambaLM
 
 __all__ = ["generate", "GenerationOutput", "sample_next_token", "left_pad", "matmul_weights_in_compute_dtype"]
 

@@ -23,8 +23,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from .config import MambaConfig
-from .scan import SCAN_RESIDUAL_NAMES, selective_scan, selective_state_update
+from biomamba_jax.model.config import MambaConfig
+from biomamba_jax.model.scan import SCAN_RESIDUAL_NAMES, selective_scan, selective_state_update
 
 __all__ = ["DecodeWeights", "MambaCache", "MambaMixer", "MambaBlock", "MambaLM", "RMSNorm"]
 
@@ -158,7 +158,7 @@ class MambaMixer(nnx.Module):
         y, ssm_state = selective_scan(
             x, delta, -jnp.exp(self.A_log[...]), B, C, self.D[...], z,
             delta_bias=self.dt_proj.bias[...], delta_softplus=True,
-            return_final_state=True, mask=mask, impl=c.scan_impl,
+            return_final_state=True, mask=mask, impl=c.scan,
         )
         out = self.out_proj(y)
         if not return_cache:

@@ -24,7 +24,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from .training import make_eval_step, make_gradient_fn, make_train_step
+from biomamba_jax.training.step import make_eval_step, make_gradient_fn, make_train_step
 
 __all__ = ["BatchPlan", "PmapLayout", "ShardingLayout", "make_layout", "initialize_distributed"]
 

@@ -6,14 +6,13 @@ layout, orbax checkpoints with resume, metrics (JSONL + TensorBoard), the progre
 SIGTERM, non-finite steps, the evaluation hook and the final export. What a run trains on
 is a *task* (see `Task`): the train batches (an iterator with `get_state`/`set_state`, so
 a resumed run reads exactly the next batch), the evaluation sets, the step count and the
-tokenizer files to ship with the export. `PubmedTask` below is pretraining;
-`finetune.BioASQTask` is supervised fine-tuning.
+tokenizer files to ship with the export. `pretrain.PubmedTask` is pretraining,
+`finetune.BioASQTask` supervised fine-tuning.
 
-`pretrain(config)` is what `scripts/pretrain.py` calls, `finetune.finetune(config)` what
-`scripts/finetune.py` calls. Pieces each is built from, importable on their own:
-`run_config` (configs and overrides), `training` (optimizer, loss, the one train step),
-`parallel` (pmap or Mesh placement and the batch plan), `checkpointing` (orbax),
-`data.loader` (grain batches) and `pretrained` (init and export).
+Pieces the loop is built from, importable on their own: `config` (run configs and
+overrides), `step` (optimizer, loss, the one train step), `parallel` (pmap or Mesh
+placement and the batch plan), `checkpointing` (orbax), `data.loader` (grain batches) and
+`checkpoints` (init and export).
 """
 
 from __future__ import annotations
@@ -31,17 +30,15 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
-from .checkpointing import Checkpointer
-from .config import ConfigError, MambaConfig
-from .convert import ConversionError
-from .parallel import BatchPlan, ParallelConfigError, initialize_distributed, make_layout
-from .pretrained import export_hf
-from .run_config import RunConfig, RunConfigError, to_yaml
-from .training import (TrainState, lr_schedule, make_optimizer, model_flops_per_token, peak_flops_per_device)
+from biomamba_jax.training.checkpointing import Checkpointer
+from biomamba_jax.model.config import ConfigError, MambaConfig
+from biomamba_jax.checkpoints.convert import ConversionError
+from biomamba_jax.training.parallel import BatchPlan, ParallelConfigError, initialize_distributed, make_layout
+from biomamba_jax.checkpoints.export import export_hf
+from biomamba_jax.training.config import RunConfig, RunConfigError, to_yaml
+from biomamba_jax.training.step import (TrainState, lr_schedule, make_optimizer, model_flops_per_token, peak_flops_per_device)
 
-__all__ = ["pretrain", "RunError", "USER_ERRORS", "Trainer", "Task", "PubmedTask"]
-
-OFFLINE_TOKENIZER = "offline-bytes"
+__all__ = ["RunError", "USER_ERRORS", "Trainer", "Task", "MetricsLog"]
 
 
 class RunError(RuntimeError):
@@ -89,133 +86,6 @@ class Task(Protocol):
         """Facts about the training data for the summary and the model card."""
 
 
-def _packed_rows_to_step_batch(batch: dict, with_attention_mask: bool) -> dict:
-    """Loader rows {"tokens", "segment_ids"} -> a train/eval batch; segment id 0 is padding."""
-    step_batch = {"tokens": batch["tokens"],
-                  "loss_mask": (batch["segment_ids"][:, 1:] != 0).astype(np.float32)}
-    if with_attention_mask:
-        step_batch["attention_mask"] = (batch["segment_ids"][:, :-1] != 0).astype(np.int32)
-    return step_batch
-
-
-class _LossMaskedBatches:
-    """Pretraining rows {"tokens", "segment_ids"} -> train-step batches; passes the state through."""
-
-    def __init__(self, loader):
-        self.loader = loader
-
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> dict:
-        # Training rows are packed without padding, so no attention mask is needed.
-        return _packed_rows_to_step_batch(next(self.loader), with_attention_mask=False)
-
-    def get_state(self):
-        return self.loader.get_state()
-
-    def set_state(self, state) -> None:
-        self.loader.set_state(state)
-
-
-class PubmedTask:
-    """Next-token pretraining on a prepared PubMed directory (`data.*` of the run config)."""
-
-    summary_name = "pretrain"
-    patience = None
-
-    def __init__(self, config: RunConfig):
-        self.config = config
-        self.seq_len = config.data.seq_len
-        self.manifest: dict = {}
-
-    def prepare(self, model_config: MambaConfig, is_main: bool, log: Callable) -> None:
-        if self.config.data.synthetic_files and is_main:
-            _prepare_synthetic_data(self.config, log)
-        self.manifest = _check_data(self.config, model_config.vocab_size)
-
-    def total_steps(self, plan: BatchPlan) -> int:
-        return self.config.run.steps
-
-    def eval_every(self, plan: BatchPlan) -> int:
-        return self.config.run.eval_every
-
-    def train_batches(self, plan: BatchPlan):
-        from .data import make_lm_loader
-
-        return _LossMaskedBatches(make_lm_loader(self.config.data.dir, "train", self.seq_len,
-                                                 plan.rows_per_process, seed=self.config.data.seed))
-
-    def _validation(self, rows: int):
-        from .data import make_lm_loader
-
-        loader = make_lm_loader(self.config.data.dir, "validation", self.seq_len, rows,
-                                shuffle=False, num_epochs=1, drop_remainder=False, pad_final=True)
-        for index, batch in enumerate(loader):
-            if index >= self.config.run.eval_batches:
-                break
-            yield _packed_rows_to_step_batch(batch, with_attention_mask=True)
-
-    def eval_sets(self, rows: int) -> dict:
-        return {"val": lambda: self._validation(rows)}
-
-    def export_files(self) -> dict[str, Path]:
-        name = self.manifest.get("tokenizer", {}).get("name")
-        path = Path(name) if name else None
-        if path is not None and path.is_file() and path.name == "tokenizer.json":
-            return {"tokenizer.json": path}
-        return {}
-
-    def describe(self) -> dict:
-        splits = self.manifest.get("splits", {})
-        return {
-            "task": "pretrain",
-            "data_dir": str(self.config.data.dir),
-            "train_tokens": splits.get("train", {}).get("tokens"),
-            "documents": self.manifest.get("counts", {}).get("documents"),
-            "tokenizer": self.manifest.get("tokenizer", {}).get("name"),
-            "synthetic": bool(self.config.data.synthetic_files),
-        }
-
-
-# ------------------------------------------------------------------------ set-up
-def _prepare_synthetic_data(config: RunConfig, log: Callable) -> None:
-    """Generate a synthetic PubMed corpus and prepare it through the real pipeline."""
-    from .data import prepare_pubmed, write_synthetic_pubmed
-    from .tokenizer import write_byte_level_tokenizer
-
-    data_dir = Path(config.data.dir)
-    if (data_dir / "manifest.json").exists():
-        return
-    tokenizer = config.data.tokenizer
-    if tokenizer == OFFLINE_TOKENIZER:
-        tokenizer = str(write_byte_level_tokenizer(data_dir / "tokenizer" / "tokenizer.json"))
-    log(f"generating {config.data.synthetic_files} synthetic PubMed files in {data_dir / 'xml'}")
-    files = write_synthetic_pubmed(data_dir / "xml", n_files=config.data.synthetic_files,
-                                   docs_per_file=config.data.synthetic_docs_per_file, seed=config.data.seed)
-    prepare_pubmed(files, data_dir, tokenizer=tokenizer, workers=1, val_fraction=config.data.val_fraction,
-                   progress=False, command="biomamba_jax.trainer (synthetic corpus)")
-
-
-def _check_data(config: RunConfig, vocab_size: int) -> dict:
-    from .data import read_manifest
-
-    data_dir = Path(config.data.dir)
-    if not data_dir.exists():
-        raise RunError(
-            f"data dir {data_dir} does not exist: run scripts/prepare_pubmed.py to build it, "
-            "or set data.dir=... (the smoke preset builds its own)"
-        )
-    manifest = read_manifest(data_dir)
-    data_vocab = int(manifest.get("tokenizer", {}).get("vocab_size", 0) or 0)
-    if data_vocab > vocab_size:
-        raise RunError(
-            f"the data in {data_dir} was tokenised with a {data_vocab}-token vocabulary but the "
-            f"model has {vocab_size} embedding rows: use a model and data with the same tokenizer"
-        )
-    return manifest
-
-
 def _initial_model(config: RunConfig) -> tuple[MambaConfig, dict]:
     """(model config, numpy-or-jax params) from `model.init`: random, a checkpoint or a run."""
     runtime = dict(dtype=config.model.dtype, scan_impl=config.model.scan_impl, remat=config.model.remat,
@@ -223,12 +93,12 @@ def _initial_model(config: RunConfig) -> tuple[MambaConfig, dict]:
     if config.model.init == "random":
         overrides = {} if config.model.vocab_size is None else {"vocab_size": config.model.vocab_size}
         model_config = MambaConfig.preset(config.model.preset, **overrides, **runtime)
-        from .model import MambaLM
-        from .pretrained import model_params
+        from biomamba_jax.model.mamba import MambaLM
+        from biomamba_jax.checkpoints.load import model_params
 
         model = MambaLM(model_config, rngs=nnx.Rngs(config.run.seed))
         return model_config, model_params(model)
-    from .runs import load_model
+    from biomamba_jax.checkpoints.runs import load_model
 
     model_config, params, _ = load_model(config.model.init, **runtime)
     return model_config, params
@@ -314,11 +184,10 @@ class Trainer:
     log: Callable
 
     @classmethod
-    def build(cls, config: RunConfig, log: Callable = print, task=None) -> "Trainer":
-        """`task` defaults to pretraining on `config.data` (`PubmedTask`)."""
+    def build(cls, config: RunConfig, task: "Task", log: Callable = print) -> "Trainer":
+        """`task`: what the run trains on (`pretrain.PubmedTask`, `finetune.BioASQTask`)."""
         initialize_distributed(config.parallel.coordinator_address, config.parallel.num_processes,
                                config.parallel.process_id)
-        task = PubmedTask(config) if task is None else task
         is_main = jax.process_index() == 0
         quiet = log if is_main else (lambda *_: None)
         plan = BatchPlan.from_tokens(config.batch.global_batch_tokens, task.seq_len,
@@ -328,7 +197,7 @@ class Trainer:
         task.prepare(model_config, is_main, quiet)
         total_steps = task.total_steps(plan)
         layout = make_layout(config.parallel.mode, plan, config.parallel.fsdp)
-        from .model import MambaLM
+        from biomamba_jax.model.mamba import MambaLM
 
         graphdef = nnx.graphdef(nnx.eval_shape(lambda: MambaLM(model_config, rngs=nnx.Rngs(0))))
         trainer = cls(config, task, model_config, plan, layout, graphdef,
@@ -386,7 +255,7 @@ class Trainer:
         params = None
         best_step = meta.get("best_step")
         if self.task.patience and best_step is not None:
-            from .runs import restore_params
+            from biomamba_jax.checkpoints.runs import restore_params
 
             params, _ = restore_params(self.out_dir, best_step)
             summary["exported_step"] = best_step
@@ -446,7 +315,7 @@ class Trainer:
         window_start, window_tokens = time.perf_counter(), 0
         profiler = None
         if c.run.profile_steps > 0 and self.is_main:
-            from .profiling import StepProfiler
+            from biomamba_jax.training.profiling import StepProfiler
 
             # From the third step: the first compiles, the second may still warm up.
             profiler = StepProfiler(str(self.out_dir / "profile"), start + 3, c.run.profile_steps)
@@ -564,8 +433,3 @@ class Trainer:
             stop.signal_name = (f"early stopping: val_loss has not improved for {patience} evaluations "
                                 f"(best {meta['best_val_loss']:.4f} at step {meta['best_step']})")
             self.log(f"\n{stop.signal_name}")
-
-
-def pretrain(config: RunConfig, resume: bool = False, log: Callable = print) -> dict:
-    """Run (or resume) pretraining as configured; returns the run summary."""
-    return Trainer.build(config, log).run(resume=resume)

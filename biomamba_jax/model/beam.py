@@ -19,8 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from .generate import decode_model
-from .model import MambaLM
+from biomamba_jax.model.generate import decode_model
+from biomamba_jax.model.mamba import MambaLM
 
 __all__ = ["beam_search", "BeamOutput", "newline_token_mask"]
 

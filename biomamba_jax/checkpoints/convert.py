@@ -16,7 +16,7 @@ from typing import Iterable, Mapping
 
 import numpy as np
 
-from .config import MambaConfig
+from biomamba_jax.model.config import MambaConfig
 
 __all__ = [
     "Layout",
@@ -94,7 +94,7 @@ def expected_param_shapes(config: MambaConfig) -> dict[tuple[str, ...], tuple[in
     """Shapes of every JAX leaf, by path, computed without allocating the model."""
     from flax import nnx  # local: keeps this module importable without building a model
 
-    from .model import MambaLM
+    from biomamba_jax.model.mamba import MambaLM
 
     abstract = nnx.eval_shape(lambda: MambaLM(config, rngs=nnx.Rngs(0)))
     flat = nnx.to_flat_state(nnx.state(abstract, nnx.Param))

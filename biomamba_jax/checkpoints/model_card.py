@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Optional
 
-from .config import MambaConfig
+from biomamba_jax.model.config import MambaConfig
 
 __all__ = ["model_card"]
 
@@ -60,7 +60,7 @@ def _training_lines(run_dir: Path) -> list[str]:
 
 def _evaluation_lines(report: Path) -> list[str]:
     if report.suffix == ".json":
-        from .evaluate import REPORT_NOTE, markdown_table
+        from biomamba_jax.evaluation.evaluate import REPORT_NOTE, markdown_table
 
         values = json.loads(report.read_text())
         return [values.get("note", REPORT_NOTE), "", markdown_table(values["results"])]

@@ -18,8 +18,8 @@ import json
 from pathlib import Path
 from typing import Optional, Union
 
-from .config import MambaConfig
-from .pretrained import load_checkpoint
+from biomamba_jax.model.config import MambaConfig
+from biomamba_jax.checkpoints.load import load_checkpoint
 
 __all__ = ["is_run_dir", "load_model", "find_tokenizer", "restore_params", "run_dir_of"]
 

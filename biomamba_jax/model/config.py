@@ -2,7 +2,9 @@
 
 One frozen dataclass describes the architecture (what a checkpoint fixes) plus four
 run-time choices that do not change the weights: the compute dtype, the selective-scan
-implementation, the remat policy and whether the layers run under a scan.
+implementation, the remat policy and whether the layers run under a scan. Their defaults
+here are the only ones in the project (run configs and benchmarks read them from here),
+and they are the fast ones for training on a GPU; CPU work usually wants float32.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ import json
 import math
 from pathlib import Path
 from typing import Any, Union
+
+from biomamba_jax.model.scan_options import DEFAULT_SCAN_IMPL, ScanImpl, parse_scan_impl
 
 __all__ = ["MambaConfig", "PRESETS", "ConfigError"]
 
@@ -48,12 +52,16 @@ class MambaConfig:
     eos_token_id: int = 0
     pad_token_id: int = 0
     # Run-time choices: they do not change the weights.
-    dtype: str = "float32"
-    scan_impl: str = "auto"
-    remat: str = "none"
-    # Run the layers under one `lax.scan` (compile time independent of depth) or written
-    # out one by one (no stacking copies of what the backward pass keeps; slower compile).
-    scan_layers: bool = True
+    dtype: str = "bfloat16"  # compute dtype; parameters, the SSM state and the residual stay fp32
+    scan_impl: str = DEFAULT_SCAN_IMPL  # see scan_options: "auto", "pallas:fuse=delta", ...
+    # What the backward pass recomputes: "scan" keeps the scan kernel's outputs and
+    # recomputes the rest of each layer, so the kernel is not run twice; "full" recomputes
+    # everything (least memory); "dots" keeps matmul outputs; "none" keeps all.
+    remat: str = "scan"
+    # Run the layers under one `lax.scan` (compile time independent of depth, less memory)
+    # or written out one by one (no stacking copies of what the backward pass keeps: a
+    # faster step, a slower compile).
+    scan_layers: bool = False
 
     def __post_init__(self):
         if self.dt_rank == "auto":
@@ -68,12 +76,16 @@ class MambaConfig:
             raise ConfigError(f"MambaConfig.scan_layers must be true or false, got {self.scan_layers!r}")
         if self.remat not in REMAT_POLICIES:
             raise ConfigError(f"MambaConfig.remat={self.remat!r}; choose one of {REMAT_POLICIES}")
-        from .scan import parse_scan_impl  # the scan modules do not import this one
-
         try:
-            parse_scan_impl(self.scan_impl)
+            scan = parse_scan_impl(self.scan_impl)
         except ValueError as e:
             raise ConfigError(f"MambaConfig.scan_impl: {e}") from None
+        object.__setattr__(self, "_scan", scan)  # parsed once; not a field, so not in to_dict or ==
+
+    @property
+    def scan(self) -> ScanImpl:
+        """`scan_impl`, parsed: the implementation and its checked options."""
+        return self._scan
 
     @property
     def d_inner(self) -> int:

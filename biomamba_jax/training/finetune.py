@@ -19,12 +19,13 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from .config import MambaConfig
-from .data.bioasq import BioASQFormatError, encode_example, load_bioasq, pad_batch
-from .parallel import BatchPlan
-from .run_config import RunConfig
-from .runs import TOKENIZER_DIR, find_tokenizer
-from .trainer import OFFLINE_TOKENIZER, RunError, Trainer
+from biomamba_jax.model.config import MambaConfig
+from biomamba_jax.data.bioasq import BioASQFormatError, encode_example, load_bioasq, pad_batch
+from biomamba_jax.training.parallel import BatchPlan
+from biomamba_jax.training.config import RunConfig
+from biomamba_jax.checkpoints.runs import TOKENIZER_DIR, find_tokenizer
+from biomamba_jax.data.tokenizer import OFFLINE_TOKENIZER
+from biomamba_jax.training.loop import RunError, Trainer
 
 __all__ = ["BioASQTask", "ExampleBatches", "finetune", "split_by_id", "held_out"]
 
@@ -127,7 +128,7 @@ class BioASQTask:
 
     # ------------------------------------------------------------- set-up
     def _load_tokenizer(self, log: Callable):
-        from .tokenizer import load_tokenizer, write_byte_level_tokenizer
+        from biomamba_jax.data.tokenizer import load_tokenizer, write_byte_level_tokenizer
 
         source = resolve_tokenizer(self.config)
         if source == OFFLINE_TOKENIZER:
@@ -227,4 +228,4 @@ class BioASQTask:
 
 def finetune(config: RunConfig, resume: bool = False, log: Callable = print) -> dict:
     """Run (or resume) BioASQ fine-tuning as configured; returns the run summary."""
-    return Trainer.build(config, log, task=BioASQTask(config)).run(resume=resume)
+    return Trainer.build(config, BioASQTask(config), log).run(resume=resume)

@@ -18,7 +18,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from biomamba_jax.scan import register_scan_impl
+from biomamba_jax.model.scan_math import compose_affine, start_state
 
 __all__ = ["chunked_scan", "pad_time", "DEFAULT_CHUNK"]
 
@@ -36,20 +36,13 @@ def pad_time(length: int, chunk: int, *arrays):
     return tuple(jnp.pad(a, widths(a)) for a in arrays)
 
 
-def _compose(earlier, later):
-    """Affine maps h -> a h + b, applied earlier first."""
-    decay_a, drive_a = earlier
-    decay_b, drive_b = later
-    return decay_b * decay_a, decay_b * drive_a + drive_b
-
-
 def _chunk_states(state, u, delta, A, B, inner):
     """All T states of one chunk, (B, T, E, N), starting from `state` (B, E, N)."""
     decay = jnp.exp(delta[..., None] * A)  # (B, T, E, N)
     drive = (delta * u)[..., None] * B[:, :, None, :]  # (B, T, E, N)
     if inner == "associative":
         drive = drive.at[:, 0].add(decay[:, 0] * state)
-        _, states = jax.lax.associative_scan(_compose, (decay, drive), axis=1)
+        _, states = jax.lax.associative_scan(compose_affine, (decay, drive), axis=1)
         return states
 
     def step(h, inputs):
@@ -63,7 +56,7 @@ def _chunk_states(state, u, delta, A, B, inner):
 
 def chunked_scan(u, delta, A, B, C, initial_state, *, chunk: int = DEFAULT_CHUNK,
                  inner: str = "associative"):
-    """Selective scan over chunks of `chunk` steps; same contract as `_reference_scan`.
+    """Selective scan over chunks of `chunk` steps; same contract as `scan.reference_scan`.
 
     u, delta (B, L, E) fp32; A (E, N); B, C (B, L, N); initial_state (B, E, N) or None.
     Returns y (B, L, E) without the D skip and gate, and the fp32 final state (B, E, N).
@@ -73,11 +66,7 @@ def chunked_scan(u, delta, A, B, C, initial_state, *, chunk: int = DEFAULT_CHUNK
     batch, length, channels = u.shape
     d_state = A.shape[-1]
     chunk = max(1, min(chunk, length))
-    state0 = (
-        jnp.zeros((batch, channels, d_state), jnp.float32)
-        if initial_state is None
-        else initial_state.astype(jnp.float32)
-    )
+    state0 = start_state(initial_state, batch, channels, d_state)
     u, delta, B, C = pad_time(length, chunk, u, delta, B, C)
     n_chunks = u.shape[1] // chunk
 
@@ -94,7 +83,3 @@ def chunked_scan(u, delta, A, B, C, initial_state, *, chunk: int = DEFAULT_CHUNK
     final_state, y = jax.lax.scan(body, state0, tuple(map(to_chunks, (u, delta, B, C))))
     y = jnp.swapaxes(y, 0, 1).reshape(batch, n_chunks * chunk, channels)[:, :length]
     return y, final_state
-
-
-# On GPU the Pallas kernel beats this by far (benchmarks/NOTES.md), so "auto" picks that there.
-register_scan_impl("chunked", chunked_scan, auto_for=("cpu", "tpu"), options=("chunk", "inner"))

@@ -14,6 +14,9 @@ from pathlib import Path
 import transformers
 
 DEFAULT_TOKENIZER = "EleutherAI/gpt-neox-20b"
+# The name under which run configs ask for the byte-level tokenizer built locally
+# (`write_byte_level_tokenizer`): offline runs and tests need no download.
+OFFLINE_TOKENIZER = "offline-bytes"
 EOS_TOKEN = "<|endoftext|>"
 EOS_ID = 0
 
