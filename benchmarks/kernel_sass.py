@@ -160,7 +160,7 @@ def main(argv=None):
             print(f"{kernel}: {warps[kernel]} warps, {registers} registers, {total} instructions")
             for start, end, body in found:
                 # Issue slots per element: what the count predicts if the loop is issue-bound
-                # and occupancy holds (NOTES section 11: it misled where registers passed ~160).
+                # and occupancy holds (HISTORY.md, Method: it misled where registers passed ~160).
                 per_element = sum(body.values()) * warps[kernel] / elements[kernel]
                 print(f"  loop {start:#x}-{end:#x}: {sum(body.values())} per trip, {per_element:.3f} warp "
                       "instructions per element: " + ", ".join(f"{op} {n}" for op, n in body.most_common(14)))
