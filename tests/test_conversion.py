@@ -18,6 +18,7 @@ from torch_models import random_hf_mamba
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # conversions/ is not installed
 from conversions import jax_to_torch, torch_to_jax  # noqa: E402
+from helpers import rel_err
 
 MAMBA_SSM_CONFIG_KEYS = {"d_model", "n_layer", "vocab_size", "ssm_cfg", "rms_norm",
                          "residual_in_fp32", "fused_add_norm", "pad_vocab_size_multiple"}
@@ -45,10 +46,6 @@ def assert_bitwise_equal(a: dict, b: dict):
         assert a[key].dtype == b[key].dtype and a[key].shape == b[key].shape, key
         assert a[key].tobytes() == b[key].tobytes(), key
 
-
-def rel_err(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return np.linalg.norm(a - b) / np.linalg.norm(b)
 
 
 def run_cli(module, *args) -> None:
@@ -134,7 +131,7 @@ def test_exported_hf_dir_reproduces_jax_logits_in_transformers(hf_model, tmp_pat
     from transformers import MambaForCausalLM
 
     _, hf_dir, _ = hf_model
-    model = from_pretrained(hf_dir)
+    model = from_pretrained(hf_dir, dtype="float32")
     export_hf(model, model.config, tmp_path / "hf")
     torch_model = MambaForCausalLM.from_pretrained(tmp_path / "hf").eval()
     ids = np.random.RandomState(0).randint(0, 256, (2, 17))
@@ -162,12 +159,12 @@ def test_pytorch_bin_and_sharded_safetensors_load_and_match(hf_model, tmp_path):
 
 def test_native_round_trip_and_from_pretrained_accepts_every_format(hf_model, tmp_path):
     _, hf_dir, params = hf_model
-    model = from_pretrained(hf_dir)
+    model = from_pretrained(hf_dir, dtype="float32")
     save_pretrained(model, model.config, tmp_path / "native")
-    assert_bitwise_equal(model_params(from_pretrained(tmp_path / "native")), model_params(model))
+    assert_bitwise_equal(model_params(from_pretrained(tmp_path / "native", dtype="float32")), model_params(model))
     run_cli(jax_to_torch, tmp_path / "native", tmp_path / "ssm", "--format", "mamba_ssm")
     for directory in (tmp_path / "native", hf_dir, tmp_path / "ssm"):
-        assert_bitwise_equal(model_params(from_pretrained(directory)), params)
+        assert_bitwise_equal(model_params(from_pretrained(directory, dtype="float32")), params)
 
 
 # ------------------------------------------------------------------------- bad input
@@ -328,7 +325,7 @@ def test_hub_id_goes_through_snapshot_download(hf_model, tmp_path, monkeypatch):
 
     monkeypatch.chdir(tmp_path)  # no local directory named like the id
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
-    assert_bitwise_equal(model_params(from_pretrained(HUB_ID)), hf_model[2])
+    assert_bitwise_equal(model_params(from_pretrained(HUB_ID, dtype="float32")), hf_model[2])
     assert calls == [HUB_ID]
     run_cli(torch_to_jax, HUB_ID, tmp_path / "jax")
     assert calls == [HUB_ID, HUB_ID]
@@ -343,7 +340,7 @@ def test_hub_download_failure_says_download_elsewhere(tmp_path, monkeypatch, cap
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
     with pytest.raises(ConversionError, match="Download it elsewhere and pass the local directory"):
-        from_pretrained(HUB_ID)
+        from_pretrained(HUB_ID, dtype="float32")
     assert torch_to_jax.main([HUB_ID, str(tmp_path / "jax")]) == 2
     err = capsys.readouterr().err
     assert HUB_ID in err and "Download it elsewhere" in err

@@ -10,11 +10,8 @@ from flax import nnx
 from biomamba_jax.model.generate import generate, left_pad
 from biomamba_jax.checkpoints.load import from_pretrained, model_params, model_from_params
 from torch_models import MAMBA_130M_HF, random_hf_mamba
+from helpers import rel_err
 
-
-def rel_err(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return np.linalg.norm(a - b) / np.linalg.norm(b)
 
 
 @pytest.fixture(scope="module")
@@ -22,13 +19,13 @@ def tiny_pair(tmp_path_factory):
     torch_model = random_hf_mamba(seed=0)
     directory = tmp_path_factory.mktemp("hf_tiny")
     torch_model.save_pretrained(directory)
-    return torch_model, from_pretrained(directory), directory
+    return torch_model, from_pretrained(directory, dtype="float32"), directory
 
 
 @pytest.mark.parametrize("impl", ["reference", "associative"])
 def test_tiny_logits_match_transformers(tiny_pair, impl):
     torch_model, _, directory = tiny_pair
-    model = from_pretrained(directory, scan_impl=impl)
+    model = from_pretrained(directory, scan_impl=impl, dtype="float32")
     ids = np.random.RandomState(0).randint(0, 256, (3, 19))
     with torch.no_grad():
         expected = torch_model(torch.tensor(ids)).logits.numpy()
@@ -38,7 +35,7 @@ def test_tiny_logits_match_transformers(tiny_pair, impl):
 def test_mamba_130m_logits_match_transformers(tmp_path):
     torch_model = random_hf_mamba(seed=1, **MAMBA_130M_HF)
     torch_model.save_pretrained(tmp_path)
-    model = from_pretrained(tmp_path)
+    model = from_pretrained(tmp_path, dtype="float32")
     ids = np.random.RandomState(1).randint(0, 50277, (1, 12))
     with torch.no_grad():
         expected = torch_model(torch.tensor(ids)).logits.numpy()
@@ -158,7 +155,7 @@ def test_bf16_compute_keeps_fp32_state_and_params(tiny_pair):
     assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(model_params(model)))
     logits, cache = model.prefill(jnp.asarray([[1, 2, 3, 4]]))
     assert logits.dtype == jnp.bfloat16 and cache.ssm_state.dtype == jnp.float32
-    fp32 = from_pretrained(directory)
+    fp32 = from_pretrained(directory, dtype="float32")
     assert rel_err(logits.astype(jnp.float32), fp32(jnp.asarray([[1, 2, 3, 4]]))) < 3e-2
 
 

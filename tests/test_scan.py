@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from biomamba_jax.model.scan import SCAN_IMPLS, selective_scan, selective_state_update
+from helpers import rel_err
 
 FAST_IMPLS = [name for name in SCAN_IMPLS if name != "reference"]
 
@@ -23,10 +24,6 @@ def random_inputs(seed, batch, length, channels, d_state, dtype=jnp.float32):
         initial_state=jax.random.normal(keys[8], (batch, channels, d_state)),
     )
 
-
-def rel_err(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30)
 
 
 def naive_numpy_scan(u, delta, A, B, C, D, z, delta_bias, initial_state):

@@ -62,7 +62,7 @@ def test_weight_decay_mask_excludes_exactly_the_recipe_list():
     from biomamba_jax.model.mamba import MambaLM
     from biomamba_jax.checkpoints.load import model_params
 
-    model = nnx.eval_shape(lambda: MambaLM(MambaConfig.preset("tiny", tie_embeddings=False), rngs=nnx.Rngs(0)))
+    model = nnx.eval_shape(lambda: MambaLM(MambaConfig.preset("tiny", tie_embeddings=False, dtype="float32"), rngs=nnx.Rngs(0)))
     mask = weight_decay_mask(model_params(model))
     flat = {".".join(str(getattr(k, "key", k)) for k in path): leaf
             for path, leaf in jax.tree_util.tree_flatten_with_path(mask)[0]}
@@ -108,7 +108,7 @@ def test_nonfinite_step_is_skipped_and_counted():
     from biomamba_jax.training.config import OptimSection
     from biomamba_jax.training.step import TrainState, make_optimizer, make_train_step
 
-    model = MambaLM(MambaConfig.preset("tiny", vocab_size=64), rngs=nnx.Rngs(0))
+    model = MambaLM(MambaConfig.preset("tiny", vocab_size=64, dtype="float32"), rngs=nnx.Rngs(0))
     params = model_params(model)
     params["norm_f"]["weight"] = params["norm_f"]["weight"].at[0].set(np.nan)
     optimizer = make_optimizer(OptimSection(), total_steps=10)
@@ -183,7 +183,7 @@ def test_train_step_takes_an_optimizer_without_extra_arguments():
     from biomamba_jax.checkpoints.load import model_params
     from biomamba_jax.training.step import TrainState, make_train_step
 
-    model = MambaLM(MambaConfig.preset("tiny", vocab_size=64), rngs=nnx.Rngs(0))
+    model = MambaLM(MambaConfig.preset("tiny", vocab_size=64, dtype="float32"), rngs=nnx.Rngs(0))
     params = model_params(model)
     sgd = optax.scale(-0.1)
     plain = optax.GradientTransformation(sgd.init, lambda updates, state, params=None: sgd.update(updates, state))
