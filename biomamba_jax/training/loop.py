@@ -36,7 +36,9 @@ from biomamba_jax.checkpoints.convert import ConversionError
 from biomamba_jax.training.parallel import BatchPlan, ParallelConfigError, initialize_distributed, make_layout
 from biomamba_jax.checkpoints.export import export_hf
 from biomamba_jax.training.config import RunConfig, RunConfigError, to_yaml
-from biomamba_jax.training.step import (TrainState, lr_schedule, make_optimizer, model_flops_per_token, peak_flops_per_device)
+from biomamba_jax.model.scan import resolve_scan_impl
+from biomamba_jax.training.step import (TrainState, compiled_memory, lr_schedule, make_optimizer, model_flops_per_token,
+                                        peak_flops_per_device)
 
 __all__ = ["RunError", "USER_ERRORS", "Trainer", "Task", "MetricsLog"]
 
@@ -210,8 +212,7 @@ class Trainer:
     def initial_state(self) -> TrainState:
         params = jax.tree.map(lambda x: np.asarray(x, np.float32), self._initial_params)
         opt_state = jax.tree.map(np.asarray, self.optimizer.init(params))
-        rng = np.asarray(jax.random.key_data(jax.random.PRNGKey(self.config.run.seed)))
-        return TrainState(params, opt_state, np.int32(0), rng)
+        return TrainState(params, opt_state, np.int32(0))
 
     def print_plan(self, start_step: int, params) -> None:
         c, p = self.config, self.plan
@@ -226,7 +227,8 @@ class Trainer:
             f"parallel={self.layout.name}{' +fsdp' if c.parallel.fsdp else ''}",
             f"model        {n_params / 1e6:.1f}M params, d_model {self.model_config.d_model}, "
             f"{self.model_config.n_layer} layers, dtype {self.model_config.dtype}, "
-            f"scan {self.model_config.scan_impl}, remat {self.model_config.remat}",
+            f"scan {resolve_scan_impl(self.model_config.scan)}, remat {self.model_config.remat}, "
+            f"layers {'under one scan' if self.model_config.scan_layers else 'written out'}",
             f"batch        {p.global_rows} x {p.seq_len} = {p.tokens_per_step:,} tokens/step; "
             f"micro-batch {p.micro_batch}/device x {p.num_devices} devices x {p.micro_steps} accumulation",
             f"steps        {start_step} -> {self.total_steps} "
@@ -234,6 +236,15 @@ class Trainer:
             f"checkpoints  every {c.run.checkpoint_every} steps, keep {c.run.keep_checkpoints} + best, "
             f"~{checkpoint_size_bytes(params) / 2**20:,.1f} MiB each, in {self.out_dir / 'checkpoints'}",
         ]))
+
+    def _report_memory(self, sizes: Optional[dict]) -> None:
+        if sizes is None:
+            self.log("memory       not reported by this backend")
+            return
+        gib = {key: value / 2**30 for key, value in sizes.items()}
+        self.log(f"memory       {gib['total']:.2f} GiB per device for the compiled step (arguments "
+                 f"{gib['arguments']:.2f}, temporaries {gib['temporaries']:.2f}, outputs not aliased "
+                 f"{gib['outputs'] - gib['aliased']:.2f})")
 
     def evaluate(self, eval_step, params) -> dict:
         """Mean loss per target token of every evaluation set: `{name}_loss`, `{name}_perplexity`."""
@@ -297,11 +308,15 @@ class Trainer:
             state = self.layout.place_state(host_state)
         self.print_plan(start, host_state.params)
 
-        train_step = self.layout.compile_train_step(self.graphdef, self.optimizer)
+        # Compiled ahead of the loop on its first batch, so the plan can say how much device
+        # memory the step needs before it runs (and a step that cannot fit fails here).
+        first_batch = self.layout.place_batch(next(train_iter))
+        train_step = self.layout.compile_train_step(self.graphdef, self.optimizer).lower(state, first_batch).compile()
+        self._report_memory(compiled_memory(train_step))
         eval_step = self.layout.compile_eval_step(self.graphdef)
         schedule = lr_schedule(c.optim.peak_lr, c.optim.warmup_steps, total_steps, c.optim.final_lr_fraction)
         eval_every = self.task.eval_every(self.plan)
-        flops_per_token = model_flops_per_token(self.model_config, self.plan.seq_len)
+        flops_per_token = model_flops_per_token(self.model_config)
         peak = peak_flops_per_device(jax.devices()[0])
         metrics_log = MetricsLog(self.out_dir, self.is_main)
         stop = _StopRequest()
@@ -324,7 +339,9 @@ class Trainer:
             while step < total_steps:
                 if profiler:
                     profiler.before(step + 1, state)
-                state, metrics = train_step(state, self.layout.place_batch(next(train_iter)))
+                batch = first_batch if first_batch is not None else self.layout.place_batch(next(train_iter))
+                first_batch = None
+                state, metrics = train_step(state, batch)
                 step += 1
                 if profiler and (profile := profiler.after(step, state)) is not None:
                     with bar.external_write_mode():  # log lines above the progress bar

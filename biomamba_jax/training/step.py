@@ -41,6 +41,7 @@ __all__ = [
     "make_eval_step",
     "model_flops_per_token",
     "peak_flops_per_device",
+    "compiled_memory",
 ]
 
 
@@ -48,7 +49,6 @@ class TrainState(NamedTuple):
     params: Any
     opt_state: Any
     step: jax.Array  # int32 scalar
-    rng: jax.Array  # uint32 key data, kept for reproducible stochastic extensions
 
 
 # --------------------------------------------------------------------- optimizer
@@ -198,7 +198,6 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation,
             params=keep(new_params, state.params),
             opt_state=keep(new_opt_state, state.opt_state),
             step=state.step + 1,
-            rng=state.rng,
         )
         metrics = {"loss": loss, "grad_norm": grad_norm, "tokens": count,
                    "skipped": (~finite).astype(jnp.int32)}
@@ -220,15 +219,15 @@ def make_eval_step(graphdef, axis_name: Optional[str] = None) -> Callable:
 
 
 # ----------------------------------------------------------------------- FLOPs
-def model_flops_per_token(config: MambaConfig, seq_len: int, training: bool = True) -> float:
+def model_flops_per_token(config: MambaConfig, training: bool = True) -> float:
     """Model FLOPs per token of the Mamba forward (x3 with the backward).
 
     Counts the matmuls (in_proj, x_proj, dt_proj, out_proj, LM head), the depthwise conv
     and the selective scan (discretisation, state update and C contraction, ~9 E N per
-    token). Remat recomputation is not counted: this is model FLOPs, for MFU.
+    token). Remat recomputation is not counted: this is model FLOPs, for MFU. Unlike
+    attention, none of it depends on the sequence length.
     """
     c = config
-    del seq_len  # Mamba's cost per token does not depend on the sequence length
     per_layer = 2 * (c.d_model * 2 * c.d_inner  # in_proj
                      + c.d_inner * (c.dt_rank + 2 * c.d_state)  # x_proj
                      + c.dt_rank * c.d_inner  # dt_proj
@@ -252,3 +251,21 @@ def peak_flops_per_device(device: jax.Device) -> Optional[float]:
         if name.lower() in kind.lower():
             return flops
     return None
+
+
+def compiled_memory(compiled) -> Optional[dict]:
+    """Device memory a compiled step needs, in bytes, from XLA's own analysis: its
+    arguments, outputs (less what aliases donated arguments) and temporaries. None where
+    the backend does not report it."""
+    try:
+        analysis = compiled.memory_analysis()
+    except (AttributeError, NotImplementedError, RuntimeError):
+        return None
+    if analysis is None:
+        return None
+    if isinstance(analysis, (list, tuple)):  # one per device under pmap: they are the same
+        analysis = analysis[0]
+    sizes = {"arguments": analysis.argument_size_in_bytes, "outputs": analysis.output_size_in_bytes,
+             "aliased": analysis.alias_size_in_bytes, "temporaries": analysis.temp_size_in_bytes}
+    sizes["total"] = sizes["arguments"] + sizes["outputs"] - sizes["aliased"] + sizes["temporaries"]
+    return sizes
