@@ -1,0 +1,188 @@
+"""Timed workloads on random weights and tokens: the whole training step, prefill, greedy
+decode, and one layer's selective scan. `scripts/benchmark.py` is their command line.
+
+The training step is the library's own (`training.step.make_train_step`: AdamW with the
+weight-decay mask, clipping, the loss over all targets) with the optimizer and the model's
+run-time settings of a run preset, so what is timed is what `scripts/pretrain.py` runs.
+
+Each timing is the median of `repeats` calls after `warmup` calls, each ended by
+`block_until_ready`. Memory: the compiled executable's own footprint (XLA's analysis of
+arguments, outputs and temporaries) and the process-wide peak from `memory_stats()`.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Callable, Optional
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from biomamba_jax.checkpoints.load import model_params
+from biomamba_jax.model.config import MambaConfig
+from biomamba_jax.model.generate import generate
+from biomamba_jax.model.mamba import MambaLM
+from biomamba_jax.model.scan import resolve_scan_impl, selective_scan
+from biomamba_jax.training.config import RunConfig
+from biomamba_jax.training.step import TrainState, compiled_memory, make_optimizer, make_train_step
+
+__all__ = ["model_for", "time_train", "time_prefill", "time_decode", "time_scan"]
+
+GiB = 2**30
+
+
+def _timed(fn: Callable, warmup: int, repeats: int) -> list[float]:
+    """Seconds of each of `repeats` calls of fn(), after `warmup` calls."""
+    for _ in range(warmup):
+        jax.block_until_ready(fn())
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def _compile(jitted, *args) -> tuple[object, dict]:
+    """The compiled executable and its compile time and footprint, for a result row."""
+    start = time.perf_counter()
+    compiled = jitted.lower(*args).compile()
+    row = {"compile_s": round(time.perf_counter() - start, 1)}
+    sizes = compiled_memory(compiled)
+    if sizes is not None:
+        row["exe_GiB"] = round(sizes["total"] / GiB, 2)
+    return compiled, row
+
+
+def _process_peak_gib() -> Optional[float]:
+    stats = jax.devices()[0].memory_stats() or {}
+    return round(stats["peak_bytes_in_use"] / GiB, 2) if "peak_bytes_in_use" in stats else None
+
+
+def _random_tokens(seed: int, shape: tuple, vocab_size: int) -> jax.Array:
+    return jax.random.randint(jax.random.PRNGKey(seed), shape, 0, vocab_size - 8)
+
+
+def model_for(config: RunConfig, size: Optional[str] = None) -> MambaConfig:
+    """The model a run config trains (`model.preset` unless `size` names another), random init."""
+    overrides = {} if config.model.vocab_size is None else {"vocab_size": config.model.vocab_size}
+    return MambaConfig.preset(size or config.model.preset, dtype=config.model.dtype, scan_impl=config.model.scan_impl,
+                              remat=config.model.remat, scan_layers=config.model.scan_layers, **overrides)
+
+
+def _describe(model_config: MambaConfig) -> dict:
+    return {"d_model": model_config.d_model, "layers": model_config.n_layer, "dtype": model_config.dtype,
+            "scan_impl": str(resolve_scan_impl(model_config.scan)), "remat": model_config.remat,
+            "scan_layers": model_config.scan_layers}
+
+
+def time_train(config: RunConfig, model_config: MambaConfig, batch: int, length: int, *, warmup: int = 2,
+               repeats: int = 5) -> dict:
+    """Tokens per second of the library's training step on one device, one micro-batch."""
+    model = MambaLM(model_config, rngs=nnx.Rngs(0))
+    graphdef, params = nnx.graphdef(model), model_params(model)
+    optimizer = make_optimizer(config.optim, total_steps=max(config.run.steps, warmup + repeats + 1))
+    state = TrainState(params, optimizer.init(params), jnp.int32(0))
+    step = jax.jit(make_train_step(graphdef, optimizer), donate_argnums=(0,))
+    # One micro-batch: the leading axis is the step's gradient-accumulation axis.
+    batch_arrays = {"tokens": _random_tokens(0, (1, batch, length + 1), model_config.vocab_size)}
+    compiled, row = _compile(step, state, batch_arrays)
+    holder = [state]
+
+    def run():
+        holder[0], metrics = compiled(holder[0], batch_arrays)
+        return metrics["loss"]
+
+    times = _timed(run, warmup, repeats)
+    median = statistics.median(times)
+    return {"workload": "train", "batch": batch, "length": length, **_describe(model_config),
+            "params_M": round(sum(x.size for x in jax.tree.leaves(params)) / 1e6, 1),
+            "step_s": round(median, 4), "tokens_per_s": round(batch * length / median),
+            "times_s": [round(t, 4) for t in times], **row, "peak_GiB": _process_peak_gib(),
+            "loss": float(run())}
+
+
+def time_prefill(model_config: MambaConfig, length: int, *, batch: int = 1, warmup: int = 2,
+                 repeats: int = 5) -> dict:
+    """Tokens per second of a parallel prefill (the logits of the last position and the cache)."""
+    graphdef, state = nnx.split(MambaLM(model_config, rngs=nnx.Rngs(0)))
+
+    @jax.jit
+    def prefill(state, ids):
+        logits, cache = nnx.merge(graphdef, state).prefill(ids)
+        return logits[:, -1], cache
+
+    ids = _random_tokens(2, (batch, length), model_config.vocab_size)
+    compiled, row = _compile(prefill, state, ids)
+    times = _timed(lambda: compiled(state, ids), warmup, repeats)
+    median = statistics.median(times)
+    return {"workload": "prefill", "batch": batch, "length": length, **_describe(model_config),
+            "s": round(median, 5), "tokens_per_s": round(batch * length / median), **row,
+            "peak_GiB": _process_peak_gib()}
+
+
+def time_decode(model_config: MambaConfig, batch: int, *, prompt: int = 128, new_tokens: int = 128,
+                warmup: int = 2, repeats: int = 5) -> dict:
+    """Greedy `generate` as mamba_ssm's benchmark times it: the whole call, prefill included,
+    over the new tokens."""
+    model = MambaLM(model_config, rngs=nnx.Rngs(0))
+    ids = _random_tokens(3, (batch, prompt), model_config.vocab_size)
+    start = time.perf_counter()
+    jax.block_until_ready(generate(model, ids, max_new_tokens=new_tokens, eos_token_id=None).tokens)
+    first_s = time.perf_counter() - start
+    times = _timed(lambda: generate(model, ids, max_new_tokens=new_tokens, eos_token_id=None).tokens,
+                   max(warmup - 1, 0), repeats)
+    median = statistics.median(times)
+    return {"workload": "decode", "batch": batch, "prompt": prompt, "new_tokens": new_tokens,
+            **_describe(model_config), "s": round(median, 4), "ms_per_token": round(median / new_tokens * 1e3, 3),
+            "tokens_per_s": round(batch * new_tokens / median), "compile_s": round(first_s, 1),
+            "peak_GiB": _process_peak_gib()}
+
+
+def scan_inputs(seed: int, batch: int, length: int, channels: int, d_state: int, dtype=jnp.bfloat16) -> dict:
+    """`selective_scan`'s arguments as the model passes them: raw delta, D, gate and dt
+    bias; activations in `dtype`, A, D and the bias in fp32."""
+    keys = jax.random.split(jax.random.PRNGKey(seed), 8)
+    return dict(
+        u=jax.random.normal(keys[0], (batch, length, channels), dtype),
+        delta=(jax.random.normal(keys[1], (batch, length, channels)) - 1.0).astype(dtype),
+        A=-jnp.exp(jax.random.normal(keys[2], (channels, d_state)) * 0.5),
+        B=jax.random.normal(keys[3], (batch, length, d_state), dtype),
+        C=jax.random.normal(keys[4], (batch, length, d_state), dtype),
+        D=jax.random.normal(keys[5], (channels,)),
+        z=jax.random.normal(keys[6], (batch, length, channels), dtype),
+        delta_bias=jax.random.normal(keys[7], (channels,)) * 0.3,
+    )
+
+
+def time_scan(impl: str, batch: int, length: int, channels: int, d_state: int, *, backward: bool = True,
+              warmup: int = 2, repeats: int = 10) -> dict:
+    """Milliseconds of one layer's `selective_scan` (forward, or forward + backward), with
+    the bias, softplus, D skip and gate as in the model."""
+    inputs = scan_inputs(0, batch, length, channels, d_state)
+    weights = jax.random.normal(jax.random.PRNGKey(1), (batch, length, channels))
+
+    def loss(x):
+        y = selective_scan(**x, delta_softplus=True, impl=impl)
+        return jnp.sum(y.astype(jnp.float32) * weights)
+
+    fn = jax.jit(jax.grad(loss) if backward else loss)
+    compiled, row = _compile(fn, inputs)
+    times = _timed(lambda: compiled(inputs), warmup, repeats)
+    return {"workload": "scan", "mode": "fwd+bwd" if backward else "fwd", "shape": [batch, length, channels, d_state],
+            "scan_impl": str(resolve_scan_impl(impl)), "ms": round(statistics.median(times) * 1e3, 3),
+            "times_ms": [round(t * 1e3, 3) for t in times], **row, "peak_GiB": _process_peak_gib()}
+
+
+def summary_line(row: dict) -> str:
+    """One readable line per result row."""
+    what = {"train": lambda r: f"B={r['batch']} L={r['length']}: {r['tokens_per_s']:,} tokens/s",
+            "prefill": lambda r: f"B={r['batch']} L={r['length']}: {r['tokens_per_s']:,} tokens/s",
+            "decode": lambda r: f"B={r['batch']}: {r['ms_per_token']} ms/token, {r['tokens_per_s']:,} tokens/s",
+            "scan": lambda r: f"{r['mode']} {'x'.join(map(str, r['shape']))}: {r['ms']} ms"}[row["workload"]](row)
+    memory = f", {row['exe_GiB']} GiB" if row.get("exe_GiB") is not None else ""
+    impl = row.get("scan_impl", "")
+    return f"{row['workload']:8s} {what}{memory} ({impl})"
+

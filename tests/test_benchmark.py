@@ -1,0 +1,39 @@
+"""scripts/benchmark.py: the library's train step under a run preset, every workload's row, bad input."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from biomamba_jax import benchmark
+from biomamba_jax.training.config import load_run_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_train_row_uses_the_presets_settings_and_the_library_step():
+    config = load_run_config("smoke", overrides=["model.remat=full"])
+    model_config = benchmark.model_for(config)
+    row = benchmark.time_train(config, model_config, batch=2, length=16, warmup=1, repeats=1)
+    assert (row["remat"], row["dtype"], row["scan_impl"]) == ("full", "float32", "reference")
+    assert row["tokens_per_s"] > 0 and row["loss"] > 0
+
+
+def test_size_overrides_the_presets_model():
+    config = load_run_config("smoke")
+    assert benchmark.model_for(config, "mamba-370m").d_model == 1024
+    assert benchmark.model_for(config).d_model == 64
+
+
+def test_cli_writes_json_rows_and_rejects_bad_input(tmp_path):
+    out = tmp_path / "bench.json"
+    command = [sys.executable, str(REPO / "scripts" / "benchmark.py"), "--preset", "smoke", "--workloads",
+               "prefill,scan", "--prefill-length", "32", "--scan-impls", "reference", "--scan-shape", "1,16,8,4",
+               "--repeats", "1", "--warmup", "0", "--out", str(out)]
+    done = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
+    assert done.returncode == 0, done.stderr
+    results = json.loads(out.read_text())["results"]
+    assert [r["workload"] for r in results] == ["prefill", "scan"]
+    bad = subprocess.run(command[:4] + ["--workloads", "train", "model.dtpye=float32"], capture_output=True, text=True, cwd=REPO)
+    assert bad.returncode == 2 and "dtpye" in bad.stderr
+    bad = subprocess.run(command[:2] + ["--workloads", "trian"], capture_output=True, text=True, cwd=REPO)
+    assert bad.returncode == 2 and "trian" in bad.stderr
