@@ -26,6 +26,7 @@ from biomamba_jax.model.generate import generate
 from biomamba_jax.model.mamba import MambaLM
 from biomamba_jax.model.scan import resolve_scan_impl, selective_scan
 from biomamba_jax.training.config import RunConfig
+from biomamba_jax.training.profiling import profile_ops
 from biomamba_jax.training.step import TrainState, compiled_memory, make_optimizer, make_train_step
 
 __all__ = ["model_for", "time_train", "time_prefill", "time_decode", "time_scan"]
@@ -56,6 +57,13 @@ def _compile(jitted, *args) -> tuple[object, dict]:
     return compiled, row
 
 
+def _with_profile(row: dict, fn: Callable, top: int) -> dict:
+    """With `top` > 0, the row gains the `top` ops by device time of 3 traced calls of fn()."""
+    if top > 0:
+        row["profile"] = profile_ops(fn, calls=3, top=top)
+    return row
+
+
 def _process_peak_gib() -> Optional[float]:
     stats = jax.devices()[0].memory_stats() or {}
     return round(stats["peak_bytes_in_use"] / GiB, 2) if "peak_bytes_in_use" in stats else None
@@ -79,7 +87,7 @@ def _describe(model_config: MambaConfig) -> dict:
 
 
 def time_train(config: RunConfig, model_config: MambaConfig, batch: int, length: int, *, warmup: int = 2,
-               repeats: int = 5) -> dict:
+               repeats: int = 5, profile: int = 0) -> dict:
     """Tokens per second of the library's training step on one device, one micro-batch."""
     model = MambaLM(model_config, rngs=nnx.Rngs(0))
     graphdef, params = nnx.graphdef(model), model_params(model)
@@ -97,15 +105,15 @@ def time_train(config: RunConfig, model_config: MambaConfig, batch: int, length:
 
     times = _timed(run, warmup, repeats)
     median = statistics.median(times)
-    return {"workload": "train", "batch": batch, "length": length, **_describe(model_config),
-            "params_M": round(sum(x.size for x in jax.tree.leaves(params)) / 1e6, 1),
-            "step_s": round(median, 4), "tokens_per_s": round(batch * length / median),
-            "times_s": [round(t, 4) for t in times], **row, "peak_GiB": _process_peak_gib(),
-            "loss": float(run())}
+    row = {"workload": "train", "batch": batch, "length": length, **_describe(model_config),
+           "params_M": round(sum(x.size for x in jax.tree.leaves(params)) / 1e6, 1),
+           "step_s": round(median, 4), "tokens_per_s": round(batch * length / median),
+           "times_s": [round(t, 4) for t in times], **row, "peak_GiB": _process_peak_gib(), "loss": float(run())}
+    return _with_profile(row, run, profile)
 
 
 def time_prefill(model_config: MambaConfig, length: int, *, batch: int = 1, warmup: int = 2,
-                 repeats: int = 5) -> dict:
+                 repeats: int = 5, profile: int = 0) -> dict:
     """Tokens per second of a parallel prefill (the logits of the last position and the cache)."""
     graphdef, state = nnx.split(MambaLM(model_config, rngs=nnx.Rngs(0)))
 
@@ -118,9 +126,10 @@ def time_prefill(model_config: MambaConfig, length: int, *, batch: int = 1, warm
     compiled, row = _compile(prefill, state, ids)
     times = _timed(lambda: compiled(state, ids), warmup, repeats)
     median = statistics.median(times)
-    return {"workload": "prefill", "batch": batch, "length": length, **_describe(model_config),
-            "s": round(median, 5), "tokens_per_s": round(batch * length / median), **row,
-            "peak_GiB": _process_peak_gib()}
+    row = {"workload": "prefill", "batch": batch, "length": length, **_describe(model_config),
+           "s": round(median, 5), "tokens_per_s": round(batch * length / median), **row,
+           "peak_GiB": _process_peak_gib()}
+    return _with_profile(row, lambda: compiled(state, ids), profile)
 
 
 def time_decode(model_config: MambaConfig, batch: int, *, prompt: int = 128, new_tokens: int = 128,
@@ -158,7 +167,7 @@ def scan_inputs(seed: int, batch: int, length: int, channels: int, d_state: int,
 
 
 def time_scan(impl: str, batch: int, length: int, channels: int, d_state: int, *, backward: bool = True,
-              warmup: int = 2, repeats: int = 10) -> dict:
+              warmup: int = 2, repeats: int = 10, profile: int = 0) -> dict:
     """Milliseconds of one layer's `selective_scan` (forward, or forward + backward), with
     the bias, softplus, D skip and gate as in the model."""
     inputs = scan_inputs(0, batch, length, channels, d_state)
@@ -171,9 +180,10 @@ def time_scan(impl: str, batch: int, length: int, channels: int, d_state: int, *
     fn = jax.jit(jax.grad(loss) if backward else loss)
     compiled, row = _compile(fn, inputs)
     times = _timed(lambda: compiled(inputs), warmup, repeats)
-    return {"workload": "scan", "mode": "fwd+bwd" if backward else "fwd", "shape": [batch, length, channels, d_state],
-            "scan_impl": str(resolve_scan_impl(impl)), "ms": round(statistics.median(times) * 1e3, 3),
-            "times_ms": [round(t * 1e3, 3) for t in times], **row, "peak_GiB": _process_peak_gib()}
+    row = {"workload": "scan", "mode": "fwd+bwd" if backward else "fwd", "shape": [batch, length, channels, d_state],
+           "scan_impl": str(resolve_scan_impl(impl)), "ms": round(statistics.median(times) * 1e3, 3),
+           "times_ms": [round(t * 1e3, 3) for t in times], **row, "peak_GiB": _process_peak_gib()}
+    return _with_profile(row, lambda: compiled(inputs), profile)
 
 
 def summary_line(row: dict) -> str:

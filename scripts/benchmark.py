@@ -46,6 +46,9 @@ def parse_args(argv=None):
                    help="scan shape, repeatable (default: 8,2048,1536,16)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--profile", type=int, default=0, metavar="TOP",
+                   help="trace 3 more calls of train, prefill and scan with the JAX profiler; print the TOP ops "
+                        "by device time")
     p.add_argument("--out", default=None, help="JSON results file")
     p.add_argument("overrides", nargs="*", help="run config overrides, section.key=value")
     args = p.parse_args(argv)
@@ -70,10 +73,12 @@ def main(argv=None) -> int:
     def record(row: dict) -> None:
         results.append(row)
         print(benchmark.summary_line(row), flush=True)
+        for op in row.get("profile", {}).get("ops", []):
+            print(f"    {op['ms_per_call']:9.3f} ms {op['launches_per_call']:6.1f}x {op['category']:12s} {op['name'][:100]}")
         if args.out:
             write_text_atomic(args.out, json.dumps({"meta": meta, "results": results}, indent=1))
 
-    timing = {"warmup": args.warmup, "repeats": args.repeats}
+    timing = {"warmup": args.warmup, "repeats": args.repeats, "profile": args.profile}
     workloads = args.workloads.split(",")
     print(json.dumps(meta), flush=True)
     for length in args.length if "train" in workloads else ():
@@ -82,10 +87,11 @@ def main(argv=None) -> int:
     for length in args.prefill_length if "prefill" in workloads else ():
         record(benchmark.time_prefill(model_config, length, **timing))
     for batch in args.decode_batch if "decode" in workloads else ():
-        record(benchmark.time_decode(model_config, batch, **timing))
+        record(benchmark.time_decode(model_config, batch, warmup=args.warmup, repeats=args.repeats))
     for shape in (args.scan_shape or [[8, 2048, 1536, 16]]) if "scan" in workloads else ():
         for impl in args.scan_impls.split(","):
-            record(benchmark.time_scan(impl, *shape, warmup=args.warmup, repeats=max(args.repeats, 10)))
+            record(benchmark.time_scan(impl, *shape, warmup=args.warmup, repeats=max(args.repeats, 10),
+                                          profile=args.profile))
     return 0
 
 

@@ -1,4 +1,4 @@
-"""The per-kernel profile summary that `scripts/benchmark.py --profile` prints."""
+"""The per-op profile summary that `scripts/benchmark.py --profile` and `run.profile_steps` print."""
 import gzip
 import json
 import time
