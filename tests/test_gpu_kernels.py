@@ -1,0 +1,83 @@
+"""The compiled GPU kernels against the sequential `reference` scan: values and gradients.
+
+Run on a GPU machine before any timing: `pytest -m gpu tests/test_gpu_kernels.py`. CI (a
+CPU) does not select the `gpu` marker; the CPU suite checks the same kernels through the
+Pallas interpreter (tests/test_scan_kernels.py), which cannot run the GPU's approximate
+math instructions and so misses what only the compiled kernels do.
+"""
+import jax
+import jax.numpy as jnp
+import pytest
+
+from biomamba_jax.model.scan import selective_scan
+from helpers import rel_err
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU (run with -m gpu on a GPU machine)"),
+]
+
+
+def random_inputs(seed, batch, length, channels, d_state, dtype):
+    keys = jax.random.split(jax.random.PRNGKey(seed), 9)
+    return dict(
+        u=jax.random.normal(keys[0], (batch, length, channels), dtype),
+        delta=(jax.random.normal(keys[1], (batch, length, channels)) - 1.0).astype(dtype),
+        A=-jnp.exp(jax.random.normal(keys[2], (channels, d_state)) * 0.5),
+        B=jax.random.normal(keys[3], (batch, length, d_state), dtype),
+        C=jax.random.normal(keys[4], (batch, length, d_state), dtype),
+        D=jax.random.normal(keys[5], (channels,)),
+        z=jax.random.normal(keys[6], (batch, length, channels), dtype),
+        delta_bias=jax.random.normal(keys[7], (channels,)) * 0.3,
+        initial_state=jax.random.normal(keys[8], (batch, channels, d_state)),
+    )
+
+
+def values_and_grads(impl, x, mask):
+    weights = jax.random.normal(jax.random.PRNGKey(1), x["u"].shape)
+
+    def loss(x):
+        y, final = selective_scan(**x, delta_softplus=True, return_final_state=True, mask=mask, impl=impl)
+        return jnp.sum(y.astype(jnp.float32) * weights) + jnp.sum(final ** 2), (y, final)
+
+    (_, (y, final)), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(x)
+    return y, final, grads
+
+
+# Shapes: a full grid (no sequence segments), batch 1 with a long sequence (segments in
+# the forward and the backward), and odd sizes that the kernels pad (channels not a
+# multiple of a block, N not a power of two, L not a multiple of the chunk or segments).
+SHAPES = [(4, 512, 256, 16), (1, 4096, 128, 16), (2, 77, 40, 5), (1, 2045, 64, 16)]
+# Every option a preset or a default can pick, on a shape with segments and one without.
+CASES = ([(shape, "pallas", mask) for shape in SHAPES for mask in (False, True)]
+         + [(shape, "pallas:fuse=false", False) for shape in SHAPES]
+         + [(shape, impl, False) for shape in SHAPES[:2]
+            for impl in ("pallas:fuse=delta", "pallas:fuse=true", "pallas:approx_math=false")])
+
+
+@pytest.mark.parametrize("shape,impl,use_mask", CASES)
+def test_fp32_matches_reference(shape, impl, use_mask):
+    x = random_inputs(sum(shape), *shape, jnp.float32)
+    mask = (jax.random.uniform(jax.random.PRNGKey(7), shape[:2]) > 0.2).astype(jnp.float32) if use_mask else None
+    y, final, grads = values_and_grads(impl, x, mask)
+    y_ref, final_ref, grads_ref = values_and_grads("reference", x, mask)
+    assert rel_err(y, y_ref) < 1e-4
+    assert rel_err(final, final_ref) < 1e-4
+    for name in grads_ref:
+        assert rel_err(grads[name], grads_ref[name]) < 1e-4, name
+
+
+@pytest.mark.parametrize("shape", SHAPES[:2])
+@pytest.mark.parametrize("impl", ["pallas", "pallas:fuse=true"])
+def test_bf16_activations_match_reference_on_the_same_inputs(shape, impl):
+    """bf16 u, delta, z, B, C as in training: the kernels compute in fp32 like the reference,
+    so the only differences are where each rounds its bf16 outputs and gradients."""
+    x = random_inputs(sum(shape), *shape, jnp.bfloat16)
+    y, final, grads = values_and_grads(impl, x, None)
+    y_ref, final_ref, grads_ref = values_and_grads("reference", x, None)
+    assert y.dtype == jnp.bfloat16 and final.dtype == jnp.float32
+    assert rel_err(y, y_ref) < 1e-2
+    assert rel_err(final, final_ref) < 1e-4
+    for name in grads_ref:
+        assert grads[name].dtype == grads_ref[name].dtype, name
+        assert rel_err(grads[name], grads_ref[name]) < 2e-2, name
