@@ -29,9 +29,9 @@ os.environ["TOKENIZERS_PARALLELISM"] = "false"
 from biomamba_jax.data.loader import make_lm_loader
 from biomamba_jax.data.pubmed import prepare_pubmed
 from biomamba_jax.data.synthetic import write_synthetic_pubmed
+from biomamba_jax.data.tokenizer import DEFAULT_TOKENIZER
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_TOKENIZER = REPO / ".." / "shared" / "data" / "tokenizers" / "gpt-neox-20b" / "tokenizer.json"
 
 
 def measure_prepare(corpus: list[Path], out_dir: Path, tokenizer: Path, workers: int) -> dict:
@@ -91,7 +91,7 @@ def machine() -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--tokenizer", type=Path, default=DEFAULT_TOKENIZER)
+    parser.add_argument("--tokenizer", default=DEFAULT_TOKENIZER, help="tokenizer.json path or Hub id")
     parser.add_argument("--files", type=int, default=16, help="synthetic XML files")
     parser.add_argument("--docs-per-file", type=int, default=5000)
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="the parallel run's worker count")
