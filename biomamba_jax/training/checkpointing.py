@@ -41,6 +41,11 @@ class Checkpointer:
         ])
         options = ocp.CheckpointManagerOptions(
             preservation_policy=preservation,
+            # With best_fn orbax writes each step's metrics beside it, so a resumed run still
+            # knows which earlier checkpoint is the best; without it the best of a previous
+            # process looks metric-less and the policy above deletes it.
+            best_fn=lambda metrics: metrics["val_loss"],
+            best_mode="min",
             enable_async_checkpointing=async_save,
             create=True,
             cleanup_tmp_directories=True,  # a save killed midway leaves a tmp dir: drop it
