@@ -165,32 +165,60 @@ def load_run_config(
             merged.name = preset or Path(config_file or "run").stem
         config = OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:
-        # OmegaConf's first line names the key ("Key 'lr' not in 'OptimSection'").
+        # OmegaConf's first line says what is wrong ("Key 'lr' not in 'OptimSection'"); its
+        # full_key says where, which a type error's message leaves out.
         message = str(err).splitlines()[0]
-        raise RunConfigError(f"bad run config: {message}. See biomamba_jax/configs/*.yaml and RunConfig for the valid keys.") from None
+        where = getattr(err, "full_key", None)
+        if where and where not in message:
+            message = f"{where}: {message}"
+        raise RunConfigError(f"bad run config: {message}. See biomamba_jax/configs/*.yaml and RunConfig for "
+                             "the valid keys and types.") from None
     _check(config)
     return config
 
 
+_POSITIVE = (lambda v: v > 0, "> 0")
+_NON_NEGATIVE = (lambda v: v >= 0, ">= 0")
+_FRACTION = (lambda v: 0 <= v < 1, "in [0, 1)")
+_CLOSED_FRACTION = (lambda v: 0 <= v <= 1, "in [0, 1]")
+# What each numeric setting may be (None, where a field allows it, is always fine).
+_NUMERIC_RULES = {
+    "data.seq_len": _POSITIVE, "data.seed": _NON_NEGATIVE, "data.synthetic_files": _NON_NEGATIVE,
+    "data.synthetic_docs_per_file": _POSITIVE, "data.val_fraction": _FRACTION,
+    "optim.peak_lr": _POSITIVE, "optim.final_lr_fraction": _CLOSED_FRACTION, "optim.warmup_steps": _NON_NEGATIVE,
+    "optim.beta1": _FRACTION, "optim.beta2": _FRACTION, "optim.eps": _POSITIVE, "optim.weight_decay": _NON_NEGATIVE,
+    "optim.clip_norm": _POSITIVE,
+    "batch.global_batch_tokens": _POSITIVE, "batch.micro_batch_per_device": _POSITIVE,
+    "run.steps": _POSITIVE, "run.stop_at": _POSITIVE, "run.seed": _NON_NEGATIVE, "run.log_every": _POSITIVE,
+    "run.eval_every": _POSITIVE, "run.eval_batches": _POSITIVE, "run.checkpoint_every": _POSITIVE,
+    "run.keep_checkpoints": _POSITIVE, "run.max_consecutive_nonfinite": _POSITIVE, "run.profile_steps": _NON_NEGATIVE,
+    "parallel.num_processes": _POSITIVE, "parallel.process_id": _NON_NEGATIVE,
+    "finetune.val_fraction": _FRACTION, "finetune.epochs": _POSITIVE, "finetune.max_tokens": _POSITIVE,
+    "finetune.patience": _POSITIVE,
+}
+
+
 def _check(config: RunConfig) -> None:
+    """Every setting checked before anything compiles; all problems reported at once."""
+    problems = []
     if config.parallel.mode not in ("auto", "pmap", "sharding"):
-        raise RunConfigError(f"parallel.mode={config.parallel.mode!r}; choose auto, pmap or sharding")
-    for section, key in (("data", "seq_len"), ("run", "steps"), ("batch", "global_batch_tokens"),
-                         ("batch", "micro_batch_per_device"), ("run", "eval_batches")):
-        if getattr(getattr(config, section), key) <= 0:
-            raise RunConfigError(f"{section}.{key} must be positive")
-    if config.run.profile_steps < 0:
-        raise RunConfigError(f"run.profile_steps={config.run.profile_steps}; use 0 (off) or the number of steps to trace")
+        problems.append(f"parallel.mode={config.parallel.mode!r}: choose auto, pmap or sharding")
+    for name, (allowed, wanted) in _NUMERIC_RULES.items():
+        section, key = name.split(".")
+        value = getattr(getattr(config, section), key)
+        if value is not None and not allowed(value):
+            problems.append(f"{name}={value}: must be {wanted}")
+    if config.run.stop_at is not None and config.run.stop_at > config.run.steps:
+        problems.append(f"run.stop_at={config.run.stop_at} is past run.steps={config.run.steps}: "
+                        "lower it, or leave it unset to run to the end")
     length_key = "finetune.max_tokens" if config.finetune.train_files else "data.seq_len"
-    if config.batch.global_batch_tokens % row_length(config):
-        raise RunConfigError(
+    if row_length(config) > 0 and config.batch.global_batch_tokens % row_length(config):
+        problems.append(
             f"batch.global_batch_tokens={config.batch.global_batch_tokens} is not a multiple of "
-            f"{length_key}={row_length(config)}; pick a multiple so every row is a full sequence"
+            f"{length_key}={row_length(config)}: pick a multiple so every row is a full sequence"
         )
-    f = config.finetune
-    if not 0 <= f.val_fraction < 1 or f.epochs <= 0 or f.max_tokens <= 0 or (f.patience is not None and f.patience <= 0):
-        raise RunConfigError("finetune: val_fraction must be in [0, 1), epochs and max_tokens positive, "
-                             "patience positive or null")
+    if problems:
+        raise RunConfigError("bad run config:\n  " + "\n  ".join(problems))
 
 
 def to_yaml(config: RunConfig) -> str:

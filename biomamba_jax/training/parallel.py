@@ -60,12 +60,17 @@ class BatchPlan:
         if plan.global_rows % per_round:
             valid = [m for m in range(1, plan.global_rows + 1)
                      if plan.global_rows % (m * num_devices) == 0]
+            if valid:
+                fix = f"Set batch.micro_batch_per_device to one of {valid[:8]} or change batch.global_batch_tokens"
+            else:  # no micro-batch works: the rows do not divide over the devices at all
+                unit = seq_len * per_round
+                below, above = max(unit, global_batch_tokens // unit * unit), -(-global_batch_tokens // unit) * unit
+                fix = (f"Set batch.global_batch_tokens to a multiple of {unit:,} ({seq_len} tokens x "
+                       f"{num_devices} devices x micro-batch {micro_batch}), e.g. {below:,} or {above:,}")
             raise BatchSplitError(
                 f"cannot split {plan.global_rows} rows per step ({global_batch_tokens} tokens / "
                 f"{seq_len}) over {num_devices} devices x micro-batch {micro_batch}: "
-                f"{plan.global_rows} is not a multiple of {per_round}. Set "
-                f"batch.micro_batch_per_device to one of {valid[:8]} or change "
-                f"batch.global_batch_tokens"
+                f"{plan.global_rows} is not a multiple of {per_round}. {fix}"
             )
         return plan
 
