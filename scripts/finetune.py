@@ -28,7 +28,10 @@ def parse_args(argv=None):
     parser.add_argument("--preset", default="bioasq-finetune", choices=list_presets(),
                         help="run preset (default: %(default)s)")
     parser.add_argument("--config", help="a YAML file merged on top of the preset")
-    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in run.out_dir")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from the latest complete checkpoint in run.out_dir (error if there is none)")
+    parser.add_argument("--resume-or-start", action="store_true",
+                        help="as --resume, but start a fresh run when run.out_dir holds no checkpoint")
     parser.add_argument("--init", help="model to start from (model.init)")
     parser.add_argument("--train", nargs="+", metavar="FILE", help="BioASQ training JSON file(s) (finetune.train_files)")
     parser.add_argument("--eval", nargs="+", metavar="FILE", help="BioASQ test file(s) scored as test_loss")
@@ -47,7 +50,7 @@ def main(argv=None) -> int:
     overrides = [f"{k}={v}" for k, v in flags.items() if v is not None] + args.overrides
     try:
         config = load_run_config(args.preset, args.config, overrides)
-        finetune(config, resume=args.resume)
+        finetune(config, resume=args.resume or args.resume_or_start, start_if_missing=args.resume_or_start)
     except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

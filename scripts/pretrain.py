@@ -29,7 +29,9 @@ def parse_args(argv=None):
                         help="run preset (default: %(default)s)")
     parser.add_argument("--config", help="a YAML file merged on top of the preset")
     parser.add_argument("--resume", action="store_true",
-                        help="continue from the latest complete checkpoint in run.out_dir (fresh start if none)")
+                        help="continue from the latest complete checkpoint in run.out_dir (error if there is none)")
+    parser.add_argument("--resume-or-start", action="store_true",
+                        help="as --resume, but start a fresh run when run.out_dir holds no checkpoint")
     parser.add_argument("--init", help="'random', a checkpoint dir or a Hub id (model.init)")
     parser.add_argument("--parallel", choices=["auto", "pmap", "sharding"], help="parallel.mode")
     parser.add_argument("--fsdp", action="store_true", help="shard params/optimizer state (sharding mode)")
@@ -55,7 +57,7 @@ def main(argv=None) -> int:
     overrides = [f"{k}={v}" for k, v in flag_overrides.items() if v is not None] + args.overrides
     try:
         config = load_run_config(args.preset, args.config, overrides)
-        pretrain(config, resume=args.resume)
+        pretrain(config, resume=args.resume or args.resume_or_start, start_if_missing=args.resume_or_start)
     except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

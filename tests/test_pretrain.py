@@ -76,8 +76,9 @@ def test_resumed_run_reproduces_uninterrupted_losses(data_dir, tmp_path):
     assert [a[s] for s in range(1, 9)] == [b[s] for s in range(1, 9)]
 
 
-def test_existing_run_needs_resume_and_resume_without_checkpoint_starts_fresh(data_dir, tmp_path):
-    summary = pretrain(run_config(data_dir, tmp_path / "c", "run.steps=2"), resume=True, log=lambda *_: None)
+def test_existing_run_needs_resume_and_resume_or_start_starts_fresh(data_dir, tmp_path):
+    summary = pretrain(run_config(data_dir, tmp_path / "c", "run.steps=2"), resume=True, start_if_missing=True,
+                       log=lambda *_: None)
     assert summary["start_step"] == 0 and summary["final_step"] == 2
     with pytest.raises(RunError, match="pass --resume"):
         pretrain(run_config(data_dir, tmp_path / "c", "run.steps=2"), log=lambda *_: None)

@@ -52,3 +52,103 @@ def test_an_impossible_batch_split_suggests_values_that_work():
     suggested = [int(n.replace(",", "")) for n in message.split("e.g. ")[1].split(" or ")]
     for tokens in suggested:  # each suggestion gives a plan with the same micro-batch
         assert BatchPlan.from_tokens(tokens, 2048, 8, num_devices=3, num_processes=1).micro_batch == 8
+
+
+# ------------------------------------------------------------------ whole runs (smoke preset)
+import json  # noqa: E402
+
+from biomamba_jax.training.checkpointing import CheckpointWriteError  # noqa: E402
+from biomamba_jax.training.config import load_run_config  # noqa: E402
+from biomamba_jax.training.loop import RunError  # noqa: E402
+from biomamba_jax.training.pretrain import pretrain  # noqa: E402
+
+QUIET = dict(log=lambda *_: None)
+FAST = ["run.eval_batches=1", "run.eval_every=100", "run.export_hf=false", "data.seq_len=32",
+        "batch.global_batch_tokens=256"]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("faults")
+    pretrain(load_run_config("smoke", overrides=[f"data.dir={root / 'data'}", f"run.out_dir={root / 'run'}",
+                                                 "data.synthetic_files=1", "data.synthetic_docs_per_file=40",
+                                                 *FAST, "run.steps=1"]), **QUIET)
+    return root / "data"
+
+
+def config_for(data_dir, out_dir, *extra):
+    return load_run_config("smoke", overrides=[f"data.dir={data_dir}", f"run.out_dir={out_dir}",
+                                               "data.synthetic_files=0", *FAST, *extra])
+
+
+def records(out_dir) -> list[dict]:
+    return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_resume_drops_records_logged_after_the_checkpoint_and_writes_strict_json(data_dir, tmp_path):
+    out = tmp_path / "run"
+    pretrain(config_for(data_dir, out, "run.steps=8", "run.stop_at=4", "run.log_every=1"), **QUIET)
+    # What a run killed after logging steps 5 and 6 but before its next checkpoint leaves behind,
+    # torn last line and a non-finite value included.
+    with open(out / "metrics.jsonl", "a") as log:
+        log.write('{"step": 5, "loss": 1.0}\n{"step": 6, "loss": NaN}\n{"step": 7, "lo')
+    pretrain(config_for(data_dir, out, "run.steps=8", "run.log_every=1"), resume=True, **QUIET)
+    steps = [r["step"] for r in records(out) if "loss" in r]
+    assert steps == list(range(1, 9))  # each step once
+    json.loads("[" + ",".join((out / "metrics.jsonl").read_text().splitlines()) + "]",
+               parse_constant=lambda name: pytest.fail(f"{name} in metrics.jsonl"))
+
+    from biomamba_jax.training.loop import MetricsLog
+
+    (tmp_path / "nan").mkdir()
+    log = MetricsLog(tmp_path / "nan", True)
+    log.write(1, {"loss": float("nan"), "grad_norm": float("inf")})
+    log.close()
+    assert records(tmp_path / "nan") == [{"step": 1, "loss": None, "grad_norm": None}]
+
+
+def test_resume_needs_a_checkpoint_unless_asked_to_start(data_dir, tmp_path):
+    with pytest.raises(RunError, match="--resume: no checkpoint in .*--resume-or-start"):
+        pretrain(config_for(data_dir, tmp_path / "typo", "run.steps=2"), resume=True, **QUIET)
+    assert not (tmp_path / "typo" / "metrics.jsonl").exists()
+    summary = pretrain(config_for(data_dir, tmp_path / "typo", "run.steps=2"), resume=True,
+                       start_if_missing=True, **QUIET)
+    assert summary["final_step"] == 2
+
+
+def test_resuming_a_finished_run_changes_nothing(data_dir, tmp_path):
+    out = tmp_path / "done"
+    pretrain(config_for(data_dir, out, "run.steps=3"), **QUIET)
+    before = (out / "summary.json").read_text()
+    again = pretrain(config_for(data_dir, out, "run.steps=3"), resume=True, **QUIET)
+    assert (out / "summary.json").read_text() == before
+    assert again["final_step"] == 3 and again["losses"]
+
+
+def test_a_failed_checkpoint_write_stops_the_run_at_once(data_dir, tmp_path, monkeypatch):
+    """A write error in the background save (here injected where orbax writes array data)
+    stops the run at the first step after the save has failed, and no later than the next
+    save, with one message; the last good checkpoint stays and no temporary folder is left."""
+    from orbax.checkpoint._src.serialization import type_handlers
+
+    real_write, calls = type_handlers.NumpyHandler._open_and_write, []
+
+    async def failing_write(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) > 1000 or _saving_step(tmp_path) == 6:
+            raise OSError(28, "No space left on device")
+        return await real_write(self, *args, **kwargs)
+
+    monkeypatch.setattr(type_handlers.NumpyHandler, "_open_and_write", failing_write)
+    out = tmp_path / "run"
+    with pytest.raises(CheckpointWriteError, match="no space left on device.*--resume .*step 3") as caught:
+        pretrain(config_for(data_dir, out, "run.steps=12", "run.checkpoint_every=3", "run.log_every=1"), **QUIET)
+    assert str(out / "checkpoints") in str(caught.value) and "\n" not in str(caught.value)
+    assert steps_on_disk(out / "checkpoints") == [3]
+    assert not [p for p in (out / "checkpoints").iterdir() if "tmp" in p.name]
+    assert max(r["step"] for r in records(out)) < 12  # never reached the next save
+
+
+def _saving_step(tmp_path) -> int:
+    partial = [p.name for p in (tmp_path / "run" / "checkpoints").glob("*orbax-checkpoint-tmp*")]
+    return int(partial[0].split(".")[0]) if partial else -1

@@ -13,6 +13,10 @@ best by validation loss.
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import logging
+import shutil
 from pathlib import Path
 from typing import Any, Optional
 
@@ -21,7 +25,23 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
-__all__ = ["Checkpointer", "RestoredCheckpoint"]
+__all__ = ["Checkpointer", "RestoredCheckpoint", "CheckpointWriteError"]
+
+
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (a full disk, say): what failed, where, what to do."""
+
+
+class _OrbaxSaveErrorsFilter(logging.Filter):
+    """orbax logs a failed background save with a full traceback from each thread it passes
+    through (hundreds of lines for one full disk) and then re-raises it to the caller.
+    `Checkpointer` turns that re-raised error into one line, so the log copies are dropped."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.levelno >= logging.ERROR and "orbax" in record.pathname)
+
+
+logging.getLogger("absl").addFilter(_OrbaxSaveErrorsFilter())
 
 
 class RestoredCheckpoint:
@@ -59,6 +79,10 @@ class Checkpointer:
              val_loss: Optional[float] = None) -> None:
         """Start saving `step` (async); the previous save is finished first."""
         metrics = None if val_loss is None else {"val_loss": float(val_loss)}
+        with self._write_errors():
+            self._save(step, state, data_state, meta, metrics)
+
+    def _save(self, step, state, data_state, meta, metrics) -> None:
         self.manager.save(
             step,
             args=ocp.args.Composite(
@@ -69,6 +93,32 @@ class Checkpointer:
             metrics=metrics,
             force=True,
         )
+
+    def raise_if_failed(self) -> None:
+        """Raise CheckpointWriteError if a save running in the background has failed.
+
+        Cheap (it looks at finished saves only), so the loop calls it every step: a full
+        disk then stops the run at the next step, not at the next save."""
+        with self._write_errors():
+            self.manager.check_for_errors()
+
+    @contextlib.contextmanager
+    def _write_errors(self):
+        try:
+            yield
+        except Exception as err:  # orbax re-raises the writer thread's error, whatever its type
+            with contextlib.suppress(Exception):  # let the save's other writes end before cleaning up
+                self.manager.wait_until_finished()
+            for partial in self.directory.glob("*orbax-checkpoint-tmp*"):
+                shutil.rmtree(partial, ignore_errors=True)
+            latest = self.manager.latest_step()
+            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+            if "No space left on device" in reason or getattr(err, "errno", None) == errno.ENOSPC:
+                reason = "no space left on device"
+            raise CheckpointWriteError(
+                f"could not write a checkpoint in {self.directory}: {reason}. Free space there or set "
+                f"run.out_dir to a disk with room, then --resume (last complete checkpoint: "
+                f"{'none' if latest is None else f'step {latest}'})") from err
 
     def latest_step(self) -> Optional[int]:
         return self.manager.latest_step()
@@ -91,11 +141,19 @@ class Checkpointer:
         return RestoredCheckpoint(step, restored["state"], restored["data"], restored["meta"])
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        with self._write_errors():
+            self.manager.wait_until_finished()
 
-    def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+    def close(self, raise_errors: bool = True) -> None:
+        """Finish pending saves and release the manager; with `raise_errors=False` (a run
+        already failing) a failed save does not hide the first error."""
+        try:
+            self.wait()
+        except CheckpointWriteError:
+            if raise_errors:
+                raise
+        finally:
+            self.manager.close()
 
 
 def _as_restore_target(leaf):

@@ -226,6 +226,6 @@ class BioASQTask:
         return dict(self.facts)
 
 
-def finetune(config: RunConfig, resume: bool = False, log: Callable = print) -> dict:
+def finetune(config: RunConfig, resume: bool = False, log: Callable = print, start_if_missing: bool = False) -> dict:
     """Run (or resume) BioASQ fine-tuning as configured; returns the run summary."""
-    return Trainer.build(config, BioASQTask(config), log).run(resume=resume)
+    return Trainer.build(config, BioASQTask(config), log).run(resume=resume, start_if_missing=start_if_missing)

@@ -30,11 +30,12 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
-from biomamba_jax.training.checkpointing import Checkpointer
+from biomamba_jax.training.checkpointing import Checkpointer, CheckpointWriteError
 from biomamba_jax.model.config import ConfigError, MambaConfig
 from biomamba_jax.checkpoints.convert import ConversionError
 from biomamba_jax.training.parallel import BatchPlan, ParallelConfigError, initialize_distributed, make_layout
 from biomamba_jax.checkpoints.export import export_hf
+from biomamba_jax.files import write_text_atomic
 from biomamba_jax.training.config import RunConfig, RunConfigError, to_yaml
 from biomamba_jax.model.scan import resolve_scan_impl
 from biomamba_jax.training.step import (TrainState, compiled_memory, lr_schedule, make_optimizer, model_flops_per_token,
@@ -48,7 +49,8 @@ class RunError(RuntimeError):
 
 
 # Bad input that the run scripts report in one line (exit 2) instead of a traceback.
-USER_ERRORS = (RunError, RunConfigError, ParallelConfigError, ConfigError, ConversionError, FileNotFoundError)
+USER_ERRORS = (RunError, RunConfigError, ParallelConfigError, ConfigError, ConversionError, CheckpointWriteError,
+               FileNotFoundError)
 
 
 # ------------------------------------------------------------------------ tasks
@@ -112,35 +114,47 @@ def checkpoint_size_bytes(params) -> int:
 
 
 # ------------------------------------------------------------------------ logging
-def _drop_torn_last_line(path: Path) -> None:
-    """A run killed mid-write can leave a partial last record; a resumed run appending to
-    it would glue its first record onto the fragment. Cut the file back to its last newline."""
-    if not path.exists() or path.stat().st_size == 0:
+def _keep_records_up_to(path: Path, last_step: int) -> None:
+    """Cut metrics.jsonl back to the records of steps up to `last_step`, the step a run
+    resumes from: a killed run may have logged steps after its last checkpoint, which the
+    resumed run logs again. A torn last line (killed mid-write) goes too."""
+    if not path.exists():
         return
-    with open(path, "rb+") as file:
-        data = file.read()
-        if not data.endswith(b"\n"):
-            file.truncate(data.rfind(b"\n") + 1)
+    kept = []
+    for line in path.read_text().splitlines(keepends=True):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if line.endswith("\n") and record.get("step", 0) <= last_step:
+            kept.append(line)
+    write_text_atomic(path, "".join(kept))
+
+
+def _json_value(value):
+    """Strict JSON has no NaN or infinity: a non-finite metric is written as null."""
+    return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
 class MetricsLog:
-    """JSONL and TensorBoard event files, written by process 0 only."""
+    """JSONL and TensorBoard event files, written by process 0 only. A run that starts at
+    `start_step` (a resume) first drops what an earlier process logged after that step."""
 
-    def __init__(self, out_dir: Path, enabled: bool):
+    def __init__(self, out_dir: Path, enabled: bool, start_step: int = 0):
         self.enabled = enabled
         if not enabled:
             return
         from tensorboardX import SummaryWriter
 
         path = out_dir / "metrics.jsonl"
-        _drop_torn_last_line(path)
+        _keep_records_up_to(path, start_step)
         self.jsonl = open(path, "a", buffering=1)
-        self.tensorboard = SummaryWriter(str(out_dir / "tensorboard"))
+        self.tensorboard = SummaryWriter(str(out_dir / "tensorboard"), purge_step=start_step + 1)
 
     def write(self, step: int, values: dict) -> None:
         if not self.enabled:
             return
-        self.jsonl.write(json.dumps({"step": step, **values}) + "\n")
+        self.jsonl.write(json.dumps({"step": step, **{k: _json_value(v) for k, v in values.items()}}) + "\n")
         for key, value in values.items():
             if isinstance(value, (int, float)) and math.isfinite(value):
                 self.tensorboard.add_scalar(key, value, step)
@@ -279,23 +293,36 @@ class Trainer:
             summary["hf_export"] = str(self.out_dir / "hf")
 
     # ---------------------------------------------------------------- loop
-    def run(self, resume: bool = False) -> dict:
+    def run(self, resume: bool = False, start_if_missing: bool = False) -> dict:
+        """Train to the end (or `run.stop_at`). `resume` continues from the latest checkpoint in
+        `run.out_dir` and fails when there is none, unless `start_if_missing` (a job that may
+        or may not have run before)."""
         c = self.config
         total_steps = self.total_steps
-        if self.is_main:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            (self.out_dir / "config.yaml").write_text(to_yaml(c))
-            (self.out_dir / "model_config.json").write_text(json.dumps(self.model_config.to_dict(), indent=2))
-        host_state = self.initial_state()
         checkpointer = Checkpointer(self.out_dir / "checkpoints", keep=c.run.keep_checkpoints)
-        train_iter = self.task.train_batches(self.plan)
-        meta = {"skipped_steps": 0}
-        start = 0
         latest = checkpointer.latest_step()
         if latest is not None and not resume:
             checkpointer.close()
             raise RunError(f"{self.out_dir} already holds checkpoints (latest step {latest}): "
                            "pass --resume to continue, or choose another run.out_dir")
+        if resume and latest is None and not start_if_missing:
+            checkpointer.close()
+            raise RunError(f"--resume: no checkpoint in {checkpointer.directory}. Check run.out_dir, or pass "
+                           "--resume-or-start to start a fresh run there when none exists")
+        finished = self._finished_summary(latest)
+        if resume and finished is not None:
+            checkpointer.close()
+            self.log(f"{self.out_dir} already finished at step {finished['final_step']}: nothing to resume "
+                     f"(raise run.steps to train further); its summary.json is unchanged")
+            return finished
+        if self.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            (self.out_dir / "config.yaml").write_text(to_yaml(c))
+            (self.out_dir / "model_config.json").write_text(json.dumps(self.model_config.to_dict(), indent=2))
+        host_state = self.initial_state()
+        train_iter = self.task.train_batches(self.plan)
+        meta = {"skipped_steps": 0}
+        start = 0
         if resume and latest is not None:
             restored = checkpointer.restore(self.layout.abstract_checkpoint(host_state))
             state = self.layout.from_checkpoint(restored.state)
@@ -304,7 +331,7 @@ class Trainer:
             self.log(f"resumed from step {start} in {checkpointer.directory}")
         else:
             if resume:
-                self.log(f"--resume: no checkpoint in {checkpointer.directory}, starting fresh")
+                self.log(f"--resume-or-start: no checkpoint in {checkpointer.directory}, starting fresh")
             state = self.layout.place_state(host_state)
         self.print_plan(start, host_state.params)
 
@@ -318,7 +345,7 @@ class Trainer:
         eval_every = self.task.eval_every(self.plan)
         flops_per_token = model_flops_per_token(self.model_config)
         peak = peak_flops_per_device(jax.devices()[0])
-        metrics_log = MetricsLog(self.out_dir, self.is_main)
+        metrics_log = MetricsLog(self.out_dir, self.is_main, start)
         stop = _StopRequest()
         summary = {"task": self.task.summary_name, "start_step": start, "stopped_by": None}
         consecutive_nonfinite, last_eval, losses, pending_skips = 0, {}, [], []
@@ -343,6 +370,7 @@ class Trainer:
                 first_batch = None
                 state, metrics = train_step(state, batch)
                 step += 1
+                checkpointer.raise_if_failed()
                 if profiler and (profile := profiler.after(step, state)) is not None:
                     with bar.external_write_mode():  # log lines above the progress bar
                         self._report_profile(profile)
@@ -396,7 +424,7 @@ class Trainer:
                         self.log(f"\n{stop.signal_name}: saved step {step}; resume with --resume")
                     break
         except BaseException:
-            checkpointer.close()
+            checkpointer.close(raise_errors=False)
             raise
         finally:
             if profiler:
@@ -416,7 +444,7 @@ class Trainer:
         finally:
             checkpointer.close()
         if self.is_main:
-            (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+            write_text_atomic(self.out_dir / "summary.json", json.dumps(summary, indent=2))
             first, last = (losses[0][1], losses[-1][1]) if losses else (float("nan"),) * 2
             self.log(f"== done: step {step}/{total_steps}, loss {first:.4f} -> {last:.4f}"
                      + (f", val_loss {last_eval['val_loss']:.4f}" if "val_loss" in last_eval else "")
@@ -424,6 +452,16 @@ class Trainer:
                         if self.task.patience and meta.get("best_step") is not None else "")
                      + f", skipped {summary['skipped_steps']}; outputs in {self.out_dir} ==")
         return summary
+
+    def _finished_summary(self, latest: Optional[int]) -> Optional[dict]:
+        """The summary of a run that ended here (its last step, or early stopping), else None."""
+        path = self.out_dir / "summary.json"
+        if latest is None or not path.is_file():
+            return None
+        summary = json.loads(path.read_text())
+        ended = summary.get("final_step") == latest and (
+            latest >= self.total_steps or str(summary.get("stopped_by")).startswith("early stopping"))
+        return summary if ended else None
 
     def _report_profile(self, profile: dict) -> None:
         """Write profile.json (via a temporary name) and log where the steps' time went."""

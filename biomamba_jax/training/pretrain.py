@@ -145,6 +145,6 @@ def _check_data(config: RunConfig, vocab_size: int) -> dict:
     return manifest
 
 
-def pretrain(config: RunConfig, resume: bool = False, log: Callable = print) -> dict:
+def pretrain(config: RunConfig, resume: bool = False, log: Callable = print, start_if_missing: bool = False) -> dict:
     """Run (or resume) pretraining as configured; returns the run summary."""
-    return Trainer.build(config, PubmedTask(config), log).run(resume=resume)
+    return Trainer.build(config, PubmedTask(config), log).run(resume=resume, start_if_missing=start_if_missing)
