@@ -211,7 +211,7 @@ def test_metrics_log_drops_a_torn_last_line(tmp_path):
     from biomamba_jax.training.loop import MetricsLog
 
     (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "lo')
-    log = MetricsLog(tmp_path, enabled=True)
+    log = MetricsLog(tmp_path, enabled=True, start_step=1)  # resuming from step 1
     log.write(2, {"loss": 1.5})
     log.close()
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
