@@ -698,7 +698,7 @@ def _run(u, delta, A, B, C, h0, bias, D, z, fusion, tiling, options):
     return y[:, :length, :channels], final[:, :channels, :d_state]
 
 
-def pallas_scan(u, delta, A, B, C, initial_state=None, *, fuse: Union[bool, str] = PallasOptions.fuse,
+def pallas_scan(u, delta, A, B, C, initial_state, *, fuse: Union[bool, str] = PallasOptions.fuse,
                 approx_math: bool = PallasOptions.approx_math, interpret: Optional[bool] = PallasOptions.interpret,
                 _tiling_overrides: Optional[dict] = None):
     """Selective scan through the Pallas kernels; same contract as `scan.reference_scan`
