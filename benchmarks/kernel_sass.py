@@ -13,15 +13,16 @@ timing: XLA compiles the same IR with its own Triton build, which may differ.
     PYTHONPATH=. python3 benchmarks/kernel_sass.py --triton /tmp/triton-site \
         --shape 1,8192,1536,16 --impl pallas [--keep DIR]
 
-`--impl` takes the scan impl string's options (`pallas:block_e=16:chunk=4`); the call is
-the model's (bf16 u, delta, z, B, C; dt bias, softplus, D and gate), forward only, or with
-its gradient under `--grad`.
+`--impl` takes a pallas impl string (`pallas:fuse=true:approx_math=false`); the kernels are
+tiled as `scan_pallas` tiles that shape. The call is the model's (bf16 u, delta, z, B, C;
+dt bias, softplus, D and gate), forward only, or with its gradient under `--grad`.
 """
 from __future__ import annotations
 
 import argparse
 import collections
 import contextlib
+import dataclasses
 import functools
 import io
 import pathlib
@@ -39,21 +40,20 @@ _SASS_LINE = re.compile(r"\s+/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0
 
 def triton_modules(impl: str, shape, grad: bool) -> dict[str, str]:
     """{kernel name: Triton IR text} of one selective_scan call lowered for CUDA."""
-    import biomamba_jax.scan_pallas as scan_pallas
-    from biomamba_jax.scan import parse_scan_impl, selective_scan
+    import biomamba_jax.model.scan_pallas as scan_pallas
+    from biomamba_jax.model.scan import selective_scan
+    from biomamba_jax.model.scan_options import ScanImpl
     from jax.experimental import pallas as pl
 
-    name, options = parse_scan_impl(impl)
-    if name != "pallas":
-        raise SystemExit(f"--impl {impl!r}: only pallas impls have kernels to inspect")
+    scan = _pallas_impl(impl)
     batch, length, channels, d_state = shape
     bf16 = lambda *s: jnp.zeros(s, jnp.bfloat16)
     args = (bf16(batch, length, channels), bf16(batch, length, channels), -jnp.ones((channels, d_state)),
             bf16(batch, length, d_state), bf16(batch, length, d_state))
     extras = dict(D=jnp.ones(channels), z=args[0], delta_bias=jnp.zeros(channels), delta_softplus=True)
-    options.pop("interpret", None)  # the kernels must go to Triton, not the interpreter
-    impl_string = ":".join(["pallas", "interpret=false"] + [f"{k}={v}" for k, v in options.items()])
-    forward = lambda *a: selective_scan(*a, **extras, impl=impl_string)[0]
+    # The kernels must go to Triton, not the interpreter.
+    compiled = ScanImpl("pallas", dataclasses.replace(scan.options, interpret=False))
+    forward = lambda *a: selective_scan(*a, **extras, impl=compiled)[0]
     fn = jax.grad(lambda *a: jnp.sum(forward(*a).astype(jnp.float32)), argnums=(0, 1)) if grad else forward
 
     class PrintingPallas:  # `pl` as scan_pallas sees it, with pallas_call printing its Triton IR
@@ -72,6 +72,15 @@ def triton_modules(impl: str, shape, grad: bool) -> dict[str, str]:
         kernel = re.search(r"tt.func public @(\w+)", text).group(1)
         modules[kernel] = _strip_locations(text)
     return modules
+
+
+def _pallas_impl(impl: str):
+    from biomamba_jax.model.scan_options import parse_scan_impl
+
+    scan = parse_scan_impl(impl)
+    if scan.name != "pallas":
+        raise SystemExit(f"--impl {impl!r}: only pallas impls have kernels to inspect")
+    return scan
 
 
 def _strip_locations(text: str) -> str:
@@ -130,27 +139,25 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--triton", required=True, help="folder holding pip's triton package (see above)")
-    parser.add_argument("--impl", default="pallas", help="scan impl string, e.g. pallas:block_e=16")
+    parser.add_argument("--impl", default="pallas", help="pallas impl string, e.g. pallas:fuse=true")
     parser.add_argument("--shape", default="1,8192,1536,16", help="B,L,E,N")
     parser.add_argument("--grad", action="store_true", help="the backward's kernels too")
     parser.add_argument("--keep", help="write each kernel's IR, PTX, cubin and SASS here")
     args = parser.parse_args(argv)
     shape = tuple(int(x) for x in args.shape.split(","))
-    from biomamba_jax.scan_pallas import PallasScanConfig, _tiling
-    from biomamba_jax.scan import parse_scan_impl
+    from biomamba_jax.model.scan_pallas import _tiling
 
-    cfg, segments, bwd_segments = _tiling(PallasScanConfig.from_options(**parse_scan_impl(args.impl)[1]),
-                                          shape[0], shape[1], shape[2])
-    warps = {"forward_kernel": cfg.num_warps, "backward_kernel": cfg.bwd_num_warps or cfg.num_warps,
-             "segment_end_kernel": cfg.sum_num_warps, "segment_start_adjoint_kernel": cfg.sum_num_warps}
+    tiling = _tiling(shape[0], shape[1], shape[2], _pallas_impl(args.impl).options)
+    warps = {"forward_kernel": tiling.num_warps, "backward_kernel": tiling.bwd_num_warps,
+             "segment_end_kernel": tiling.sum_num_warps, "segment_start_adjoint_kernel": tiling.sum_num_warps}
     # (step, channel, state) elements one trip of each kernel's loop covers (N padded as the kernels pad it)
     d_state = 1 << max(0, (shape[3] - 1).bit_length())
-    elements = {"forward_kernel": cfg.chunk * cfg.block_e * d_state,
-                "backward_kernel": cfg.chunk * cfg.bwd_block_e * d_state,
-                "segment_end_kernel": cfg.sum_tile * cfg.block_e * d_state,
-                "segment_start_adjoint_kernel": cfg.sum_tile * cfg.block_e * d_state}
-    print(f"{args.impl} at {shape}: block_e {cfg.block_e}, chunk {cfg.chunk}, sum_tile {cfg.sum_tile}, "
-          f"segments {segments}/{bwd_segments}, bwd_block_e {cfg.bwd_block_e}")
+    elements = {"forward_kernel": tiling.chunk * tiling.block_e * d_state,
+                "backward_kernel": tiling.chunk * tiling.bwd_block_e * d_state,
+                "segment_end_kernel": tiling.sum_tile * tiling.block_e * d_state,
+                "segment_start_adjoint_kernel": tiling.sum_tile * tiling.block_e * d_state}
+    print(f"{args.impl} at {shape}: block_e {tiling.block_e}, chunk {tiling.chunk}, sum_tile {tiling.sum_tile}, "
+          f"segments {tiling.segments}/{tiling.bwd_segments}, bwd_block_e {tiling.bwd_block_e}, fuse {tiling.fuse}")
     with tempfile.TemporaryDirectory() as scratch:
         workdir = pathlib.Path(args.keep or scratch)
         workdir.mkdir(parents=True, exist_ok=True)
@@ -160,7 +167,7 @@ def main(argv=None):
             print(f"{kernel}: {warps[kernel]} warps, {registers} registers, {total} instructions")
             for start, end, body in found:
                 # Issue slots per element: what the count predicts if the loop is issue-bound
-                # and occupancy holds (HISTORY.md, Method: it misled where registers passed ~160).
+                # and occupancy holds (it misled for register-heavy kernels: see benchmarks/HISTORY.md).
                 per_element = sum(body.values()) * warps[kernel] / elements[kernel]
                 print(f"  loop {start:#x}-{end:#x}: {sum(body.values())} per trip, {per_element:.3f} warp "
                       "instructions per element: " + ", ".join(f"{op} {n}" for op, n in body.most_common(14)))

@@ -36,3 +36,13 @@ def test_loops_counts_one_trip_of_each_backward_branch():
     [(start, end, body)] = found
     assert (start, end) == (0x10, 0x50)
     assert dict(body) == {"FMUL": 1, "MUFU": 1, "FFMA": 1, "ISETP": 1, "BRA": 1}
+
+
+def test_impl_takes_only_pallas_and_its_public_options():
+    import pytest
+
+    assert kernel_sass._pallas_impl("pallas:fuse=true").options.fuse is True
+    with pytest.raises(SystemExit, match="only pallas impls"):
+        kernel_sass._pallas_impl("chunked:chunk=64")
+    with pytest.raises(ValueError, match="takes key=value options from"):
+        kernel_sass._pallas_impl("pallas:block_e=16")  # the tiling follows from the shape

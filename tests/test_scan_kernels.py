@@ -6,10 +6,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from helpers import rel_err
+
 from biomamba_jax.model.scan import SCAN_IMPLS, reference_scan
-from biomamba_jax.model.scan_options import AUTO_IMPL
 from biomamba_jax.model.scan_chunked import chunked_scan
-from biomamba_jax.model.scan_pallas import PallasScanConfig, pallas_scan
+from biomamba_jax.model.scan_options import AUTO_IMPL, PallasOptions
+from biomamba_jax.model.scan_pallas import pallas_scan, pallas_selective_scan
 
 
 def inputs(seed, batch, length, channels, d_state):
@@ -22,11 +24,6 @@ def inputs(seed, batch, length, channels, d_state):
         jax.random.normal(k[4], (batch, length, d_state)),
         jax.random.normal(k[5], (batch, channels, d_state)),
     )
-
-
-def rel_err(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30)
 
 
 def assert_matches_reference(fn, x, grads=True):
@@ -88,52 +85,99 @@ def test_chunked_rejects_unknown_inner():
     ],
 )
 def test_pallas_interpret_values_and_grads(shape, options):
-    assert_matches_reference(functools.partial(pallas_scan, **options), inputs(sum(shape), *shape))
+    assert_matches_reference(functools.partial(pallas_scan, _tiling_overrides=options), inputs(sum(shape), *shape))
 
 
+# A tiling and segment rule small enough for the interpreter that short sequences split.
 SEGMENTED = dict(chunk=4, block_e=8, min_programs=64, target_programs=64, min_segment_length=8)
 
 
-def test_segment_count_fills_the_grid_and_respects_the_minimum_length():
+@pytest.fixture
+def pallas_tiling(monkeypatch):
+    """`pallas_tiling(**overrides)`: selective_scan's "pallas" impl, whatever its options,
+    runs with these tiling overrides (which no impl string reaches)."""
+    from biomamba_jax.model import scan
+
+    def use(**overrides):
+        monkeypatch.setitem(scan.FUSED_SCAN_IMPLS, "pallas",
+                            functools.partial(pallas_selective_scan, _tiling_overrides=overrides))
+
+    return use
+
+
+def _is_power_of_two(n):
+    return n >= 1 and n & (n - 1) == 0
+
+
+# Shapes from one-token decoding rows to long prompts, at Mamba-130m's channels and odd ones.
+TILING_SHAPES = [(batch, length, channels) for batch in (1, 2, 3, 4, 8, 32)
+                 for length in (1, 7, 600, 1024, 2048, 8192, 16384, 65536) for channels in (3, 12, 768, 1536)]
+
+
+@pytest.mark.parametrize("rule", [{}, dict(min_programs=64, target_programs=64, min_segment_length=8)])
+def test_tiling_invariants(rule):
+    """What `_tiling` must hold at any shape, whatever the table's tuned values: powers of
+    two where Triton needs them, segments only where the grid is short, never shorter than
+    the minimum, and stopped for a reason; padding that every pass divides evenly; fuse=auto
+    fused exactly where the sequence is split."""
+    from biomamba_jax.model.scan_pallas import _TABLE, _next_pow2, _padded, _tiling
+
+    table = _TABLE._replace(**rule)
+    segments = {}
+    for batch, length, channels in TILING_SHAPES:
+        t = _tiling(batch, length, channels, PallasOptions(), rule or None)
+        at = (batch, length, channels)
+        segments[at] = t.segments
+        assert all(map(_is_power_of_two, (t.block_e, t.bwd_block_e, t.segments, t.bwd_segments, t.sum_tile))), at
+        assert t.block_e <= _next_pow2(channels) and t.bwd_block_e <= _next_pow2(channels), at
+        assert 1 <= t.chunk <= length, at
+        assert t.bwd_segments == t.segments, at  # unless told otherwise, the backward splits as the forward
+        programs = batch * -(-channels // t.block_e)
+        if programs >= table.min_programs:
+            assert t.segments == 1, at  # a full grid is not split
+        else:  # doubling stopped: the grid is filled with no segment over the maximum, or one more would be too short
+            filled = programs * t.segments >= table.target_programs and length <= t.segments * table.max_segment_length
+            assert filled or length < 2 * t.segments * table.min_segment_length, at
+        if t.segments > 1:
+            assert length >= t.segments * table.min_segment_length, at  # no segment below the minimum
+        padded_length, padded_channels = _padded(t, length, channels)
+        assert padded_length >= length and padded_channels >= channels, at
+        for count in (t.segments, t.bwd_segments):
+            assert padded_length % (count * t.chunk) == 0, at  # whole chunks in every segment
+        assert padded_channels % t.block_e == 0 and padded_channels % t.bwd_block_e == 0, at
+        assert t.fuse == ("delta" if t.segments > 1 else False), at
+    for (batch, length, channels), count in segments.items():  # more rows or steps never reverse the rule
+        assert segments.get((batch * 2, length, channels), 1) <= count
+        assert segments.get((batch, length * 2, channels), count) >= count
+    for fuse in (False, True, "delta"):  # an explicit fuse is kept
+        assert _tiling(1, 8192, 1536, PallasOptions(fuse=fuse)).fuse is fuse
+
+
+def test_tiling_overrides_fix_the_outcome_and_are_checked():
     from biomamba_jax.model.scan_pallas import _tiling
 
-    # Mamba-130m at batch 1: 48 programs of 32 channels, so an 8k prompt runs as 16
-    # segments of 512 steps (the shortest allowed), a 64k one as 64 of 1024.
-    assert _tiling(PallasScanConfig(), 1, 8192, 1536)[1] == 16
-    assert _tiling(PallasScanConfig(), 1, 65536, 1536)[1] == 64
-    assert _tiling(PallasScanConfig(block_e=16), 1, 8192, 1536)[1] == 8  # 96 programs
-    assert _tiling(PallasScanConfig(), 1, 16384, 1536)[1] == 16  # no segment over 1024 steps
-    assert _tiling(PallasScanConfig(), 8, 2048, 1536)[1] == 1  # training grid is full already
-    assert _tiling(PallasScanConfig(), 8, 16384, 1536)[1] == 1  # ... at any length
-    # fuse="auto" resolves with the segments: the delta fused where the sequence is split.
-    assert _tiling(PallasScanConfig(), 1, 8192, 1536)[0].fuse == "delta"
-    assert _tiling(PallasScanConfig(), 8, 2048, 1536)[0].fuse is False
-    assert _tiling(PallasScanConfig(fuse=True), 8, 2048, 1536)[0].fuse is True
-    assert _tiling(PallasScanConfig(), 4, 4096, 1536)[1] == 1  # 384 programs: not split
-    assert _tiling(PallasScanConfig(), 2, 8192, 1536)[1] == 8  # 192 programs: split
-    assert _tiling(PallasScanConfig(), 1, 600, 1536)[1] == 1  # too short to split
-    assert _tiling(PallasScanConfig(**SEGMENTED), 1, 70, 12)[1] == 8
-    # The forward's channels per program (and the sum kernels' tile): 16 (32 steps) for a
-    # grid full without segments, 32 (16 steps) when segmented, or as set.
-    tilings = {(b, l): _tiling(PallasScanConfig(), b, l, 1536)[0] for b, l in ((8, 2048), (4, 4096), (2, 8192))}
-    assert [(c.block_e, c.sum_tile) for c in tilings.values()] == [(16, 32), (16, 32), (32, 16)]
-    tiling = lambda cfg, *shape: (lambda c: (c.block_e, c.sum_tile))(_tiling(cfg, *shape)[0])
-    assert tiling(PallasScanConfig(block_e=64, sum_tile=4), 1, 8192, 1536) == (64, 4)
-    assert tiling(PallasScanConfig(), 1, 8192, 4) == (4, 128)  # clamped to the channels
-    # The backward's channels per program: 4 for a full grid, 8 when segmented, as set.
-    assert _tiling(PallasScanConfig(), 8, 2048, 1536)[0].bwd_block_e == 4
-    assert _tiling(PallasScanConfig(), 1, 16384, 1536)[0].bwd_block_e == 8
-    assert _tiling(PallasScanConfig(bwd_block_e=16), 8, 2048, 1536)[0].bwd_block_e == 16
-    assert _tiling(PallasScanConfig(), 8, 2048, 3)[0].bwd_block_e == 4  # clamped to the channels
+    fixed = dict(chunk=4, block_e=64, num_warps=4, bwd_block_e=16, bwd_num_warps=2, segments=2, bwd_segments=1,
+                 sum_tile=4, sum_num_warps=8)
+    tiling = _tiling(1, 8192, 1536, PallasOptions(fuse=True), fixed)
+    assert tiling._asdict() == dict(fixed, fuse=True)
+    # Clamped to the channels (next power of two) and the length.
+    tiling = _tiling(1, 3, 5, PallasOptions(), dict(chunk=16, block_e=64, bwd_block_e=64))
+    assert (tiling.chunk, tiling.block_e, tiling.bwd_block_e) == (3, 8, 8)
+    with pytest.raises(ValueError, match=r"unknown pallas tiling override\(s\) \['blocke'\]; valid: .*'block_e'"):
+        _tiling(1, 8, 4, PallasOptions(), dict(blocke=8))
     with pytest.raises(ValueError, match="bwd_segments=3: give a power of two"):
-        PallasScanConfig.from_options(bwd_segments=3)
+        _tiling(1, 8, 4, PallasOptions(), dict(bwd_segments=3))
+    for bad in (dict(chunk=0), dict(min_programs="64"), dict(num_warps=True)):
+        with pytest.raises(ValueError, match="give a positive whole number"):
+            _tiling(1, 8, 4, PallasOptions(), bad)
 
 
 @pytest.mark.parametrize("batch,length", [(1, 70), (2, 67)])
 def test_pallas_segmented_values_and_grads(batch, length):
     """Segments: zero-state pass (a sum over each segment's steps), XLA composition, second
     pass; the adjoint likewise."""
-    assert_matches_reference(functools.partial(pallas_scan, **SEGMENTED), inputs(length, batch, length, 12, 4))
+    assert_matches_reference(functools.partial(pallas_scan, _tiling_overrides=SEGMENTED),
+                             inputs(length, batch, length, 12, 4))
 
 
 @pytest.mark.parametrize("length,segments,tile,used", [(96, 8, 1, 1), (96, 8, 2, 2), (96, 8, 16, 4), (256, 2, 32, 32)])
@@ -145,36 +189,36 @@ def test_segment_sums_match_the_recurrence_for_any_tile(length, segments, tile, 
 
     x = list(inputs(11, 1, length, 12, 4))
     x[1] = x[1] * 4.0
-    options = dict(SEGMENTED, sum_tile=tile, segments=segments, bwd_segments=segments)
-    assert_matches_reference(functools.partial(pallas_scan, **options), tuple(x))
+    overrides = dict(SEGMENTED, sum_tile=tile, segments=segments, bwd_segments=segments)
+    assert_matches_reference(functools.partial(pallas_scan, _tiling_overrides=overrides), tuple(x))
     chunk = SEGMENTED["chunk"]
-    plan = _Plan(chunk, -(-length // (segments * chunk)) * segments, segments, segments, _Fusion(), _Fusion())
-    assert _sum_tile(plan, PallasScanConfig(**options)) == used
+    plan = _Plan(chunk, -(-length // (segments * chunk)) * segments, segments, segments, _Fusion())
+    assert _sum_tile(plan, tile) == used
 
 
 @pytest.mark.parametrize("segments,bwd_segments", [(8, 1), (1, 4), (2, 8)])
 def test_pallas_forward_and_backward_segment_independently(segments, bwd_segments):
     """The forward saves the state at every chunk start, so the backward may split the
     sequence differently (fewer programs per pass, no adjoint pass when it does not split)."""
-    options = dict(SEGMENTED, segments=segments, bwd_segments=bwd_segments)
-    assert_matches_reference(functools.partial(pallas_scan, **options), inputs(3, 2, 70, 12, 4))
+    overrides = dict(SEGMENTED, segments=segments, bwd_segments=bwd_segments)
+    assert_matches_reference(functools.partial(pallas_scan, _tiling_overrides=overrides), inputs(3, 2, 70, 12, 4))
     from biomamba_jax.model.scan_pallas import _tiling
 
-    _, fwd, bwd = _tiling(PallasScanConfig(**options), 2, 70, 12)
-    assert (fwd, bwd) == (segments, bwd_segments)
+    tiling = _tiling(2, 70, 12, PallasOptions(), overrides)
+    assert (tiling.segments, tiling.bwd_segments) == (segments, bwd_segments)
 
 
 @pytest.mark.parametrize(
     "dtype,tolerance,fusion",
     [(jnp.float32, 1e-5, "fuse=false"), (jnp.bfloat16, 2e-2, "fuse=false"),
-     (jnp.float32, 1e-5, "fuse=true:bwd_fuse=all"), (jnp.float32, 1e-5, "fuse=true:bwd_fuse=nogate"),
-     (jnp.float32, 1e-5, "fuse=true:bwd_fuse=off"), (jnp.bfloat16, 2e-2, "fuse=true:bwd_fuse=nogate"),
+     (jnp.float32, 1e-5, "fuse=true"), (jnp.bfloat16, 2e-2, "fuse=true"),
      (jnp.float32, 1e-5, "fuse=delta"), (jnp.bfloat16, 2e-2, "fuse=delta")],
 )
-def test_segmented_selective_scan_with_mask_matches_reference(dtype, tolerance, fusion):
+def test_segmented_selective_scan_with_mask_matches_reference(dtype, tolerance, fusion, pallas_tiling):
     """selective_scan through the kernels with segments and a mask, in fp32 and bf16: XLA
-    doing bias, softplus, D and gate around the kernels (the default), or the kernels doing
-    them, with the backward fusing all of it, all but the gate, or none of it."""
+    doing bias, softplus, D and gate around the kernels, the kernels doing the bias and
+    softplus, or all four (the backward kernel all but the gate, whose chain rule XLA
+    applies)."""
     from biomamba_jax.model.scan import selective_scan
 
     batch, length, channels, d_state = 2, 75, 12, 4
@@ -186,7 +230,8 @@ def test_segmented_selective_scan_with_mask_matches_reference(dtype, tolerance, 
     h0 = jax.random.normal(k[8], (batch, channels, d_state))
     mask = jnp.ones((batch, length)).at[1, :9].set(0).at[0, 30:33].set(0)
     w = jax.random.normal(jax.random.PRNGKey(1), (batch, length, channels))
-    impl = "pallas:" + ":".join(f"{key}={value}" for key, value in SEGMENTED.items()) + f":{fusion}"
+    pallas_tiling(**SEGMENTED)
+    impl = f"pallas:{fusion}"
 
     def loss(impl, *args):
         y, final = selective_scan(*args[:5], D=args[5], z=args[6], delta_bias=args[7], delta_softplus=True,
@@ -205,9 +250,8 @@ def test_segmented_selective_scan_with_mask_matches_reference(dtype, tolerance, 
         assert rel_err(g, g_ref) < tolerance, name
 
 
-@pytest.mark.parametrize("impl", ["pallas:chunk=4:fuse=false", "pallas:chunk=4:fuse=true", "pallas:chunk=4",
-                                  "chunked:chunk=4"])
-def test_bias_without_softplus_leaves_padded_and_masked_steps_alone(impl):
+@pytest.mark.parametrize("impl", ["pallas:fuse=false", "pallas:fuse=true", "pallas:fuse=delta", "chunked:chunk=4"])
+def test_bias_without_softplus_leaves_padded_and_masked_steps_alone(impl, pallas_tiling):
     """A dt bias without the softplus: padded steps (13 is not a multiple of the chunk) and
     masked steps must leave the state alone, as in the reference, in values and gradients."""
     from biomamba_jax.model.scan import selective_scan
@@ -219,6 +263,7 @@ def test_bias_without_softplus_leaves_padded_and_masked_steps_alone(impl):
     B, C = (jax.random.normal(k[i], (batch, length, d_state)) for i in (3, 4))
     bias = jax.random.uniform(k[5], (channels,)) + 0.5
     mask = jnp.ones((batch, length)).at[1, 10:].set(0).at[0, 4:6].set(0)
+    pallas_tiling(chunk=4)
 
     def loss(impl, u, bias):
         y, final = selective_scan(u, delta, A, B, C, delta_bias=bias, delta_softplus=False, mask=mask,
@@ -234,42 +279,50 @@ def test_bias_without_softplus_leaves_padded_and_masked_steps_alone(impl):
 
 
 def test_impl_string_options_and_errors():
-    from biomamba_jax.model.scan import parse_scan_impl
+    from biomamba_jax.model.scan_options import ChunkedOptions, NoOptions, ScanImpl, parse_scan_impl
 
-    assert parse_scan_impl("pallas:block_e=32:interpret=true") == ("pallas", dict(block_e=32, interpret=True))
-    assert parse_scan_impl("chunked:chunk=64:inner=sequential") == ("chunked", dict(chunk=64, inner="sequential"))
-    with pytest.raises(ValueError, match="takes key=value options from .*block_e"):
-        parse_scan_impl("pallas:blocke=32")
-    with pytest.raises(ValueError, match="takes key=value options from \\[\\]"):
+    assert parse_scan_impl("pallas:fuse=delta:approx_math=false:interpret=true") == ScanImpl(
+        "pallas", PallasOptions(fuse="delta", approx_math=False, interpret=True))
+    assert parse_scan_impl("pallas") == ScanImpl("pallas", PallasOptions())
+    assert parse_scan_impl("pallas:interpret=none").options.interpret is None
+    assert parse_scan_impl("chunked:chunk=64:inner=sequential") == ScanImpl("chunked", ChunkedOptions(64, "sequential"))
+    assert parse_scan_impl("associative") == ScanImpl("associative", NoOptions())
+    with pytest.raises(ValueError, match=r"unknown selective-scan impl 'palas'; choose one of .*'chunked'.*'pallas'.*auto"):
+        parse_scan_impl("palas:fuse=true")
+    # Unknown options name the valid ones; the tiling is not an option: no impl string sets it.
+    for option in ("blocke=32", "block_e=32", "chunk=8", "segments=2", "bwd_fuse=off", "fwd_bc=input",
+                   "bwd_partials=float32", "min_programs=64", "_tiling_overrides=none"):
+        with pytest.raises(ValueError, match=r"takes key=value options from \['fuse', 'approx_math', 'interpret'\]"):
+            parse_scan_impl(f"pallas:{option}")
+    with pytest.raises(ValueError, match="takes key=value options from none"):
         parse_scan_impl("associative:chunk=4")
     with pytest.raises(ValueError, match="fuse='gate'; choose auto, true, false or delta"):
-        PallasScanConfig.from_options(fuse="gate")
-    with pytest.raises(ValueError, match="bwd_fuse='some'; choose all, nogate or off"):
-        PallasScanConfig.from_options(bwd_fuse="some")
+        parse_scan_impl("pallas:fuse=gate")
     # Values of the wrong kind (here from a comma where ':' belongs) fail, naming the option.
-    for impl, option in (("pallas:interpret=false,segments=2", "interpret"), ("pallas:block_e=16,chunk=4", "block_e"),
-                         ("pallas:approx_math=yes", "approx_math"), ("pallas:segments=true", "segments")):
-        with pytest.raises(ValueError, match=f"option {option}=.*separated by ':'"):
-            PallasScanConfig.from_options(**parse_scan_impl(impl)[1])
-    assert PallasScanConfig.from_options(**parse_scan_impl("pallas:segments=none:interpret=none")[1]).segments is None
-    # Every value of a string option must survive the impl string ("none" would become None).
-    for value in ("all", "nogate", "off"):
-        assert PallasScanConfig.from_options(**parse_scan_impl(f"pallas:bwd_fuse={value}")[1]).bwd_fuse == value
+    for impl, option in (("pallas:interpret=false,fuse=true", "interpret"), ("pallas:approx_math=yes", "approx_math"),
+                         ("chunked:chunk=abc", "chunk")):
+        with pytest.raises(ValueError, match=f"option {option}=.*give .*separated by ':'"):
+            parse_scan_impl(impl)
+    with pytest.raises(ValueError, match="chunk=-3: give a positive whole number"):
+        parse_scan_impl("chunked:chunk=-3")
+    # Every value of fuse survives the impl string, and the string a run plan prints.
     for text, value in (("auto", "auto"), ("delta", "delta"), ("true", True), ("false", False)):
-        assert PallasScanConfig.from_options(**parse_scan_impl(f"pallas:fuse={text}")[1]).fuse == value
+        parsed = parse_scan_impl(f"pallas:fuse={text}")
+        assert parsed.options.fuse == value and type(parsed.options.fuse) is type(value)
+        assert parse_scan_impl(str(parsed)) == parsed
 
 
 def test_pallas_picks_interpret_off_gpu():
     from biomamba_jax.model.scan_pallas import _interpret
 
-    assert _interpret(PallasScanConfig()) == (jax.default_backend() != "gpu")
-    assert _interpret(PallasScanConfig(interpret=True)) is True
+    assert _interpret(PallasOptions()) == (jax.default_backend() != "gpu")
+    assert _interpret(PallasOptions(interpret=True)) is True
 
 
 @pytest.mark.slow
 def test_pallas_longer_sequence_many_chunks():
     x = inputs(4, 2, 200, 40, 16)
-    assert_matches_reference(functools.partial(pallas_scan, chunk=8, block_e=16), x)
+    assert_matches_reference(functools.partial(pallas_scan, _tiling_overrides=dict(chunk=8, block_e=16)), x)
 
 
 def test_fuse_false_leaves_bias_softplus_skip_and_gate_to_xla(monkeypatch):
@@ -278,29 +331,26 @@ def test_fuse_false_leaves_bias_softplus_skip_and_gate_to_xla(monkeypatch):
     from biomamba_jax.model.scan import selective_scan
 
     calls = []
-    plain = scan_pallas.pallas_scan
-    monkeypatch.setattr(scan_pallas, "pallas_scan", lambda *a, **k: calls.append(k) or plain(*a, **k))
+    run = scan_pallas._run
+    monkeypatch.setattr(scan_pallas, "_run", lambda *a, **k: calls.append(a) or run(*a, **k))
     x = inputs(0, 1, 6, 4, 2)
     extras = dict(D=jnp.ones(4), z=x[0], delta_bias=jnp.zeros(4), delta_softplus=True)
-    selective_scan(*x[:5], **extras, impl="pallas:fuse=false")
-    assert len(calls) == 1
-    selective_scan(*x[:5], **extras, impl="pallas:fuse=delta")
-    selective_scan(*x[:5], **extras, impl="pallas:fuse=true")
-    assert len(calls) == 1
+    for fuse in ("false", "delta", "true"):
+        selective_scan(*x[:5], **extras, impl=f"pallas:fuse={fuse}")
+    plain = [all(x is None for x in a[6:9]) and a[9] == scan_pallas._Fusion() for a in calls]
+    assert plain == [True, False, False]
 
     # bf16 activations reach the plain kernels as they are, with no fp32 copy made first.
-    seen = []
-    monkeypatch.setattr(scan_pallas, "pallas_scan", lambda *a, **k: seen.append(a) or plain(*a, **k))
+    calls.clear()
     bf16 = lambda t: t.astype(jnp.bfloat16)
     selective_scan(bf16(x[0]), bf16(x[1]), x[2], bf16(x[3]), bf16(x[4]), **extras, impl="pallas:fuse=false")
-    u, delta, _, B, C = seen[0][:5]
+    u, delta, _, B, C = calls[0][:5]
     assert (u.dtype, B.dtype, C.dtype, delta.dtype) == (jnp.bfloat16, jnp.bfloat16, jnp.bfloat16, jnp.float32)
 
 
-@pytest.mark.parametrize("partials,dtype", [("input", "bf16"), ("float32", "f32")])
-def test_backward_partials_take_the_dtype_of_b_and_c(partials, dtype):
+def test_backward_partials_take_the_dtype_of_b_and_c():
     """The backward writes its per-channel-block dB and dC partial sums in B's and C's own
-    dtype by default (half the bytes in bf16 training), and sums them in fp32."""
+    dtype (half the bytes in bf16 training), and sums them in fp32."""
     x = inputs(4, 1, 16, 8, 4)
     bf16 = lambda t: t.astype(jnp.bfloat16)
     args = (bf16(x[0]), x[1], x[2], bf16(x[3]), bf16(x[4]), x[5])
@@ -309,9 +359,9 @@ def test_backward_partials_take_the_dtype_of_b_and_c(partials, dtype):
     def loss(scan):
         return lambda *a: jnp.sum(scan(*a)[0].astype(jnp.float32) * w) + jnp.sum(scan(*a)[1] ** 2)
 
-    fn = functools.partial(pallas_scan, bwd_partials=partials, bwd_block_e=4)
+    fn = functools.partial(pallas_scan, _tiling_overrides=dict(bwd_block_e=4))
     grad = jax.grad(loss(fn), argnums=(3, 4))
-    assert f"{dtype}[1,2,16,4]" in str(jax.make_jaxpr(grad)(*args))  # (batch, 8 / 4 blocks, L, N)
+    assert "bf16[1,2,16,4]" in str(jax.make_jaxpr(grad)(*args))  # (batch, 8 / 4 blocks, L, N)
     up = lambda t: t.astype(jnp.float32)
     g_ref = jax.grad(loss(reference_scan), argnums=(3, 4))(*map(up, args))
     for g, ref in zip(jax.jit(grad)(*args), g_ref):
@@ -383,7 +433,7 @@ def test_fuse_delta_puts_only_bias_and_softplus_in_the_kernels(monkeypatch):
 
 
 @pytest.mark.parametrize("options, approx", [("", True), (":approx_math=false", False)])
-def test_gpu_kernels_take_the_approximate_exp_unless_told_not_to(options, approx):
+def test_gpu_kernels_take_the_approximate_exp_unless_told_not_to(options, approx, pallas_tiling):
     """For CUDA, the kernels' exp is PTX ex2.approx (libdevice's __nv_expf with
     approx_math=false) in all four kernels of a segmented forward and backward, the fused
     softplus and sigmoid included; the softplus takes lg2.approx. (The interpreter always
@@ -392,8 +442,9 @@ def test_gpu_kernels_take_the_approximate_exp_unless_told_not_to(options, approx
 
     x = inputs(0, 1, 64, 16, 16)
     extras = dict(delta_bias=jnp.zeros(16), delta_softplus=True)
+    pallas_tiling(segments=2)
     for fuse in ("false", "delta", "true"):
-        impl = f"pallas:interpret=false:segments=2:fuse={fuse}{options}"
+        impl = f"pallas:interpret=false:fuse={fuse}{options}"
         loss = lambda *a: jnp.sum(selective_scan(*a, **extras, impl=impl)[0] ** 2)
         text = jax.jit(jax.grad(loss, argnums=(0, 1))).trace(*x[:5]).lower(lowering_platforms=("cuda",)).as_text()
         # Each kernel's serialized IR names an instruction once, however often it is used.
@@ -403,34 +454,27 @@ def test_gpu_kernels_take_the_approximate_exp_unless_told_not_to(options, approx
         assert text.count("lg2.approx") == (4 if approx and fuse != "false" else 0)
 
 
-def test_fwd_bc_float32_hands_the_forward_kernels_fp32_b_and_c_and_changes_no_bit(monkeypatch):
-    """fwd_bc=float32: XLA converts B and C for the forward's kernels (segment sums and
-    pass 2); the backward still reads them, and writes its partials, in their own dtype.
-    bf16 -> fp32 is exact and the kernels compute in fp32, so nothing else changes."""
+def test_forward_kernels_read_b_and_c_in_fp32_and_the_backward_in_their_dtype(monkeypatch):
+    """XLA converts B and C to fp32 for the forward's kernels (segment sums and pass 2);
+    the backward reads them, and writes its partials, in their own dtype. bf16 -> fp32 is
+    exact, so the results match the kernels' fp32 arithmetic on the bf16 values."""
     import biomamba_jax.model.scan_pallas as scan_pallas
 
     seen = []
     call = scan_pallas._call
-    monkeypatch.setattr(scan_pallas, "_call", lambda kernel, out, grid, cfg, warps, args: seen.append(
-        (kernel.func.__name__, [a.dtype for a in args[:5]])) or call(kernel, out, grid, cfg, warps, args))
+    monkeypatch.setattr(scan_pallas, "_call", lambda kernel, out, grid, plan, warps, args: seen.append(
+        (kernel.func.__name__, [a.dtype for a in args[:5]])) or call(kernel, out, grid, plan, warps, args))
     x = inputs(6, 1, 32, 8, 4)
     bf16 = lambda t: t.astype(jnp.bfloat16)
     args = (bf16(x[0]), x[1], x[2], bf16(x[3]), bf16(x[4]), x[5])
-    loss = lambda fn: lambda *a: jnp.sum(fn(*a)[0].astype(jnp.float32) ** 2)
-    results = {}
-    for choice in ("input", "float32"):
-        seen.clear()
-        fn = functools.partial(pallas_scan, **SEGMENTED, fwd_bc=choice)
-        results[choice] = jax.value_and_grad(loss(fn), argnums=(0, 1, 3, 4))(*args)
-        dtypes = dict((name, d) for name, d in seen)
-        wanted = jnp.float32 if choice == "float32" else jnp.bfloat16
-        assert dtypes["_segment_end_kernel"][3] == wanted
-        assert dtypes["_forward_kernel"][3:5] == [wanted, wanted]
-        assert dtypes["_backward_kernel"][3:5] == [jnp.bfloat16, jnp.bfloat16]
-    for a, b in zip(jax.tree.leaves(results["input"]), jax.tree.leaves(results["float32"])):
-        np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
-    with pytest.raises(ValueError, match="fwd_bc='bf16'; choose input or float32"):
-        PallasScanConfig.from_options(fwd_bc="bf16")
+    loss = lambda *a: jnp.sum(pallas_scan(*a, _tiling_overrides=SEGMENTED)[0].astype(jnp.float32) ** 2)
+    jax.value_and_grad(loss, argnums=(0, 1, 3, 4))(*args)
+    dtypes = dict(seen)
+    assert set(dtypes) == {"_segment_end_kernel", "_forward_kernel", "_segment_start_adjoint_kernel",
+                           "_backward_kernel"}
+    assert dtypes["_segment_end_kernel"][3] == jnp.float32
+    assert dtypes["_forward_kernel"][3:5] == [jnp.float32, jnp.float32]
+    assert dtypes["_backward_kernel"][3:5] == [jnp.bfloat16, jnp.bfloat16]
 
 
 def _reductions(jaxpr):
@@ -456,23 +500,23 @@ def test_segment_decays_come_from_the_pass_one_kernels_not_a_second_read_of_delt
     (B, L, E) delta once more for the segment decays, forward and backward."""
     batch, length, channels = 1, 64, 8
     x = inputs(2, batch, length, channels, 4)
-    options = dict(SEGMENTED, segments=4, bwd_segments=4)
+    scan = functools.partial(pallas_scan, _tiling_overrides=dict(SEGMENTED, segments=4, bwd_segments=4))
 
     def loss(*a):  # no (B, L, E) reduction of its own: the last step's y and the final state
-        y, final = pallas_scan(*a, **options)
+        y, final = scan(*a)
         return jnp.sum(y[:, -1]) + jnp.sum(final)
 
-    for fn in (lambda *a: pallas_scan(*a, **options), jax.grad(loss, argnums=(0, 1))):
+    for fn in (scan, jax.grad(loss, argnums=(0, 1))):
         shapes = _reductions(jax.make_jaxpr(fn)(*x).jaxpr)
         big = [s for s in shapes if np.prod(s) >= batch * length * channels and channels in s]
         assert not big, f"XLA reduces a (B, L, E)-sized array: {big}"
-    assert_matches_reference(functools.partial(pallas_scan, **options), x)
+    assert_matches_reference(scan, x)
 
 
 @pytest.mark.parametrize("length,segmented", [(6, False), (64, True)])
-def test_default_fuses_the_delta_only_where_the_sequence_is_split(monkeypatch, length, segmented):
+def test_default_fuses_the_delta_only_where_the_sequence_is_split(monkeypatch, pallas_tiling, length, segmented):
     """fuse=auto (the default) is fuse=delta where the forward runs in segments and
-    fuse=false elsewhere: measured faster at each shape on one H100 (NOTES section 12)."""
+    fuse=false elsewhere."""
     import biomamba_jax.model.scan_pallas as scan_pallas
     from biomamba_jax.model.scan import selective_scan
 
@@ -481,8 +525,8 @@ def test_default_fuses_the_delta_only_where_the_sequence_is_split(monkeypatch, l
     monkeypatch.setattr(scan_pallas, "_run", lambda *a, **k: fusions.append(a[9]) or run(*a, **k))
     x = inputs(0, 1, length, 8, 2)
     extras = dict(D=jnp.ones(8), z=x[0], delta_bias=jnp.zeros(8), delta_softplus=True)
-    impl = "pallas:" + ":".join(f"{k}={v}" for k, v in SEGMENTED.items())
-    selective_scan(*x[:5], **extras, impl=impl)
+    pallas_tiling(**SEGMENTED)
+    selective_scan(*x[:5], **extras, impl="pallas")
     delta_only = scan_pallas._Fusion(bias=True, softplus=True)
     assert fusions == ([delta_only] if segmented else [scan_pallas._Fusion()])
-    assert PallasScanConfig().fuse == "auto"
+    assert PallasOptions().fuse == "auto"

@@ -8,14 +8,15 @@ memory latency overlaps with arithmetic instead of stalling every chunk. The ker
 writes y, the state at the end of its segment and, when a gradient is needed, the state
 at the start of every chunk (B, L / chunk, E, N).
 
-Fusion (`fuse`): with fuse=delta the kernels take the raw delta in the compute dtype
-(bf16 in training) and apply the dt bias and softplus in registers, so no fp32 (B, L, E)
-delta goes through HBM; XLA applies the D skip and SiLU gate to y. With fuse=true the
-kernels also take z and do the skip and gate, writing y in the compute dtype. The
-backward writes du, d(raw delta) and dz in their dtypes and per-row partial sums of dD and
-the dt bias gradient (or leaves part of that to XLA, see `bwd_fuse`). The default, "auto",
-is fuse=delta where the sequence is split into segments and fuse=false otherwise, the
-faster of the two on one H100 at each shape measured (benchmarks/NOTES.md, section 12).
+Fusion (`fuse`, see `PallasOptions`): with fuse=delta the kernels take the raw delta in
+the compute dtype (bf16 in training) and apply the dt bias and softplus in registers, so no
+fp32 (B, L, E) delta goes through HBM; XLA applies the D skip and SiLU gate to y. With
+fuse=true the kernels also take z and do the skip and gate, writing y in the compute
+dtype. The backward kernel then writes du and d(raw delta) in their dtypes and per-row
+partial sums of dD and the dt bias gradient; the gate's chain rule stays with XLA, from the
+pre-gate output the forward saves. The default, "auto", is fuse=delta where the sequence is
+split into segments and fuse=false otherwise, the faster of the two at each shape measured
+(benchmarks/HISTORY.md): a full grid's fused backward holds more per step and is the slower.
 
 Backward kernel (`jax.custom_vjp`): the same grid, walking chunks in reverse. It reloads
 a chunk's saved start state, recomputes the chunk's states and decays in registers, then
@@ -24,7 +25,7 @@ and per-channel-block partial sums of dB, dC (reduced over the blocks afterwards
 
 Segments: a grid of B * E / block_e programs is too small to fill a GPU at batch 1 (96
 programs for Mamba-130m against 132 SMs on an H100), and each program then walks the whole
-sequence alone. When the grid is smaller than `min_programs`, the sequence is split into
+sequence alone. When the grid is too small (see `_Table`), the sequence is split into
 S segments run in parallel. Forward: pass 1 computes each segment's end state from a zero
 start as a sum over its steps (`_segment_end_kernel`: no step depends on the one before,
 so it runs in tiles of many steps); an associative scan over segments in XLA composes those
@@ -44,7 +45,6 @@ from __future__ import annotations
 
 import functools
 import math
-import typing
 from typing import NamedTuple, Optional, Union
 
 import jax
@@ -54,119 +54,73 @@ from jax.experimental import pallas as pl
 from jax.ad_checkpoint import checkpoint_name
 
 from biomamba_jax.model.scan_math import SCAN_RESIDUAL_NAMES, finish_output, prepare_delta, start_state
+from biomamba_jax.model.scan_options import PallasOptions
 
-__all__ = ["pallas_scan", "pallas_selective_scan", "PallasScanConfig"]
+__all__ = ["pallas_scan", "pallas_selective_scan", "PallasOptions"]
 
 f32 = jnp.float32
 
 
-class PallasScanConfig(NamedTuple):
-    chunk: int = 8  # steps unrolled per loop iteration; state saved at chunk starts
-    # Channels per program of the forward. None picks by measurement on one H100 with the
-    # approximate exp (benchmarks/NOTES.md, section 11): 16 when the grid is full without
-    # segments (training step at B=8, L=2k: 156,675 against 151,322 tok/s for 32), 32 when
-    # the sequence is split into segments (prefill B=1 L=8k: 596,495 against 548,216;
-    # training at B=1, L=16k: 147,080 against 144,954).
-    block_e: Optional[int] = None
+class _Table(NamedTuple):
+    """The tuning the kernels run at; `_tiling` picks from it by shape. Each entry was
+    chosen by measurement on one H100 (benchmarks/HISTORY.md, "Tiling"); other GPUs may
+    want other values."""
+
+    chunk: int = 8  # steps unrolled per loop iteration; the state is saved at chunk starts
     num_warps: int = 2
+    # Channels per program of the forward: (grid full without segments, segmented). Where
+    # the sequence is split, the segments give the grid its programs, and wider blocks
+    # were the faster there; a grid full on its own was faster with narrower ones.
+    block_e: tuple = (16, 32)
     # The backward holds more per step (recomputed states, decays, adjoint) and runs out of
-    # registers first, so it takes fewer channels per program, on one warp. None picks by
-    # measurement on one H100 (benchmarks/NOTES.md, section 8): 4 channels when the
-    # sequence is not split into segments (Mamba-130m training step at B=8, L=2048:
-    # 148,462 against 141,287 tok/s for 8), 8 when it is (B=1, L=16k: 121,729 against
-    # 118,642 for 4). bwd_num_warps None: as the forward.
-    bwd_block_e: Optional[int] = None
-    bwd_num_warps: Optional[int] = 1
-    # dtype of the backward's per-channel-block partial sums of dB and dC, which XLA then
-    # sums over the blocks in fp32: "input" is B's and C's own dtype (bf16 in training, where
-    # dB and dC end in bf16 anyway), "float32" always fp32. At 4 channels per program the
-    # fp32 partials are 2 x 403 MB per layer for B=8, L=2048, written and read once.
-    bwd_partials: str = "input"
-    # dtype in which the forward's kernels read B and C: "float32", converted by XLA first
-    # (a few MB per layer, unlike u), or "input" (bf16 in training and prefill). With bf16
-    # rows every thread unpacks its share of each step's B and C again: 12% of the forward
-    # loop's SASS for sm_90 (823 -> 723 instructions per trip at B=1 L=8k,
-    # benchmarks/kernel_sass.py). Measured on one H100 (NOTES section 12): prefill B=1
-    # L=64k 746,488 against 734,992 tok/s, L=8k 614,600 against 603,751; training equal.
-    fwd_bc: str = "float32"
-    # A forward grid of fewer programs than `min_programs` splits the sequence into
-    # segments, until it has `target_programs` and no segment is longer than
-    # `max_segment_length` steps. Measured on H100 (one layer's scan fwd+bwd): at B=1,
-    # L=16k, 16 segments of 1k steps beat 8 of 2k by 9%; at B=4, L=4k (384 programs), no
-    # segments beat 4 by 13%; at B=8, L=2k, no segments beat 2 by 8%.
-    min_programs: int = 384
-    target_programs: int = 768
-    max_segment_length: int = 1024
-    min_segment_length: int = 512  # steps; shorter segments cost more in the second pass
-    # Force the number of segments (a power of two) of the forward and of the backward; None
-    # picks by the rule above. The two are independent: the forward saves the state at every
-    # chunk start, so the backward may split the sequence differently or not at all.
-    segments: Optional[int] = None
-    bwd_segments: Optional[int] = None
+    # registers first, so it takes fewer channels per program, on one warp: (not
+    # segmented, segmented), more where segments already give the grid its programs.
+    bwd_block_e: tuple = (4, 8)
+    bwd_num_warps: int = 1
     # Pass 1 of a segmented scan (each segment's own end state, and in the backward its
     # start adjoint, from zero) is a sum over the segment's steps,
     # h_end = sum_t exp(A * delta summed over the steps after t) * delta_t u_t B_t, taken in
-    # tiles of `sum_tile` steps with no step-to-step dependency. Measured on H100 against
-    # running the recurrence step by step (benchmarks/NOTES.md, section 9): prefill B=1
-    # L=8k 437k vs 410k tok/s; one layer's scan fwd+bwd at B=2 L=8k 3.29 vs 3.59 ms
-    # (16-step tiles), B=1 L=16k 3.30 vs 3.35 ms. None: 512 elements per channel-state
-    # pair and tile, 32 steps at 16 channels per program, 16 at 32, each the better of the
-    # two on one H100 (sections 9 and 11: prefill B=1 L=64k at 32 channels, 731,514 tok/s
-    # for 16-step tiles against 705,179 for 32).
-    sum_tile: Optional[int] = None
+    # tiles of steps with no step-to-step dependency, faster than running the recurrence
+    # step by step. A tile covers `sum_elements` (step, channel) pairs: its steps halve as
+    # the channels per program double, so its (steps, channels, N) terms keep their size.
+    sum_elements: int = 512
     sum_num_warps: int = 4
-    # What of selective_scan's work around the recurrence the kernels do. "delta": the dt
-    # bias and softplus (the kernels read the raw bf16 delta, so XLA writes no fp32
-    # (B, L, E) copy of it); D and the gate stay with XLA. true: all four, with y written
-    # in bf16. false: none. "auto" (the default): "delta" where the forward splits the
-    # sequence into segments, else false. Measured on one H100 (benchmarks/NOTES.md,
-    # section 12, tok/s, "delta" against false in the same call): with segments, prefill
-    # B=1 at 8k / 64k 617,213 / 752,218 against 613,036 / 748,554, training at B=2 L=8k
-    # 157,691 against 151,871 and B=1 L=16k 156,486 against 149,784; without, training at
-    # B=8 L=2k 157,049 against 156,742 but at B=4 L=4k 136,952 against 148,462 (the fused
-    # backward kernel took 42.5 ms per step instead of 28.0). true trains at B=8 1% faster
-    # than false with 2 GiB more memory and prefills 3% slower.
-    fuse: Union[bool, str] = "auto"
-    # What the backward kernel fuses: "all"; "nogate" (all but the gate, whose chain rule
-    # XLA applies from the forward's saved pre-gate output); "off" (XLA does everything
-    # around the plain scan adjoint).
-    bwd_fuse: str = "nogate"
-    # The kernels' exp (and the fused softplus and sigmoid) on the GPU's approximate MUFU
-    # instructions, as mamba_ssm's kernels are compiled (--use_fast_math); false:
-    # libdevice's exact ones. Measured on one H100 (NOTES section 11): prefill B=1 L=64k
-    # 690,758 against 596,718 tok/s, training at B=8 L=2k 156,451 against 150,453.
-    # Ignored by the interpreter, which always computes exactly.
-    approx_math: bool = True
-    interpret: Optional[bool] = None  # None: interpret unless the backend is GPU
+    # A forward grid of fewer programs than `min_programs` splits the sequence into
+    # segments, doubling them until the grid has `target_programs` and no segment is longer
+    # than `max_segment_length` steps (one program walking a long segment alone is the
+    # critical path), keeping segments of at least `min_segment_length` steps: each segment
+    # adds a second pass over its steps and a step of the composition, which a grid that
+    # is nearly full, or a short segment, does not win back.
+    min_programs: int = 384
+    target_programs: int = 768
+    max_segment_length: int = 1024
+    min_segment_length: int = 512
 
-    @classmethod
-    def from_options(cls, **options) -> "PallasScanConfig":
-        unknown = sorted(set(options) - set(cls._fields))
-        if unknown:
-            raise ValueError(f"unknown pallas scan option(s) {unknown}; valid: {list(cls._fields)}")
-        config = cls(**options)
-        # Impl strings carry text: catch "16,a" or a mistyped bool, by the fields' annotations.
-        for name, hint in typing.get_type_hints(cls).items():
-            kinds = set(typing.get_args(hint)) or {hint}  # Optional[int]: {int, NoneType}
-            wanted = {frozenset({int}): "a whole number", frozenset({bool}): "true or false"}.get(
-                frozenset(kinds - {type(None)}))
-            value = getattr(config, name)
-            if wanted and type(value) not in kinds:
-                raise ValueError(f"pallas scan option {name}={value!r}: give {wanted} (options are separated"
-                                 " by ':', as in pallas:block_e=32:chunk=8)")
-        if config.fuse not in (False, True, "delta", "auto"):
-            raise ValueError(f"pallas scan option fuse={config.fuse!r}; choose auto, true, false or delta")
-        if config.bwd_fuse not in ("all", "nogate", "off"):
-            raise ValueError(f"pallas scan option bwd_fuse={config.bwd_fuse!r}; choose all, nogate or off")
-        if config.fwd_bc not in ("input", "float32"):
-            raise ValueError(f"pallas scan option fwd_bc={config.fwd_bc!r}; choose input or float32")
-        if config.bwd_partials not in ("input", "float32"):
-            raise ValueError(f"pallas scan option bwd_partials={config.bwd_partials!r}; choose input or float32")
-        for name in ("segments", "bwd_segments", "sum_tile"):
-            value = getattr(config, name)
-            if value is not None and (value < 1 or value & (value - 1)):
-                raise ValueError(f"pallas scan option {name}={value}: give a power of two (1, 2, 4, ...)")
-        return config
+
+_TABLE = _Table()
+
+
+class _Tiling(NamedTuple):
+    """The tiling of one call, resolved by `_tiling` (hashable: a static argument)."""
+
+    chunk: int
+    block_e: int  # forward channels per program
+    num_warps: int
+    bwd_block_e: int
+    bwd_num_warps: int
+    segments: int  # what the forward splits the sequence into (a power of two)
+    bwd_segments: int  # ... and the backward, independently
+    sum_tile: int  # most steps per tile of the segment sum kernels (a power of two)
+    sum_num_warps: int
+    fuse: Union[bool, str]  # options.fuse with "auto" resolved
+
+
+# What `_tiling_overrides` may set: an outcome of `_tiling`, or an entry of the segment rule.
+# Tests use them to reach segmented paths and small tilings at the interpreter's shapes; no
+# impl string reaches them.
+_RULE_OVERRIDES = ("min_programs", "target_programs", "max_segment_length", "min_segment_length")
+_TILING_OVERRIDES = tuple(f for f in _Tiling._fields if f != "fuse") + _RULE_OVERRIDES
+_POWERS_OF_TWO = ("block_e", "bwd_block_e", "segments", "bwd_segments", "sum_tile")
 
 
 class _Fusion(NamedTuple):
@@ -186,17 +140,24 @@ class _Plan(NamedTuple):
     segments: int  # what the kernels of this plan split the sequence into
     bwd_segments: int  # ... and what the backward's kernels split it into
     fusion: _Fusion  # forward kernel
-    bwd_fusion: _Fusion  # backward kernel: a subset of `fusion`
     approx_math: bool = False  # kernels use the GPU's approximate ex2 and lg2 (see `_exp`)
+    interpret: bool = True  # run the kernels in Pallas' interpreter
 
     @property
     def chunks_per_segment(self) -> int:
         return self.chunks // self.segments
 
     @property
+    def bwd_fusion(self) -> _Fusion:
+        """The backward kernel fuses all the forward does but the gate, whose chain rule
+        XLA applies from the forward's saved pre-gate output: the gate in the kernel too
+        adds to the backward's register pressure, and measured slower."""
+        return self.fusion._replace(gate=False)
+
+    @property
     def saves_pre_gate(self) -> bool:
-        """The forward saves y before the gate when the backward leaves the gate to XLA."""
-        return self.fusion.gate and not self.bwd_fusion.gate
+        """The forward saves y before the gate, for the backward's gate in XLA."""
+        return self.fusion.gate
 
     def backward(self) -> "_Plan":
         """The plan the backward's kernels run under: its own segments."""
@@ -347,16 +308,16 @@ def _backward_kernel(*refs, plan, block_e):
     fusion, chunk = plan.bwd_fusion, plan.chunk
     r = _Refs(refs)
     u_ref, delta_ref, A_ref, B_ref, C_ref, states_ref, dy_ref, g_end_ref = (r.take() for _ in range(8))
-    bias_ref, D_ref, z_ref = r.take(fusion.bias), r.take(fusion.skip), r.take(fusion.gate)
+    bias_ref, D_ref = r.take(fusion.bias), r.take(fusion.skip)
     du_ref, ddelta_ref, dA_ref, dB_ref, dC_ref, dh_start_ref = (r.take() for _ in range(6))
-    dD_ref, dbias_ref, dz_ref = r.take(fusion.skip), r.take(fusion.bias), r.take(fusion.gate)
+    dD_ref, dbias_ref = r.take(fusion.skip), r.take(fusion.bias)
 
     b, block, segment, channels, first, last = _program(plan, block_e)
     A = A_ref[channels, :]
     rate = _exp_rate(A, plan)
     bias = bias_ref[channels] if fusion.bias else None
     D = D_ref[channels] if fusion.skip else None
-    data = (u_ref, delta_ref, B_ref, C_ref, z_ref, dy_ref)
+    data = (u_ref, delta_ref, B_ref, C_ref, None, dy_ref)
 
     def load(c):
         rows = _load_rows(data, b, c * chunk, channels, chunk, fusion, with_dy=True)
@@ -365,9 +326,9 @@ def _backward_kernel(*refs, plan, block_e):
     def one_chunk(k, carry):
         g, dA, dD, dbias, (h_start, rows) = carry  # g: adjoint of the state after the chunk
         c = last - k
-        # Issued now, used next iteration. This holds a second chunk of rows in registers
-        # (255 per thread on H100), yet loading the B and C rows or everything in place
-        # measured slower (benchmarks/NOTES.md, section 8).
+        # Issued now, used next iteration. This holds a second chunk of rows in registers,
+        # the backward's scarcest resource, yet loading the B and C rows or everything in
+        # place was measured slower (benchmarks/HISTORY.md).
         upcoming = load(jnp.maximum(c - 1, first))
         # Recompute the chunk: states[i] is the state before step i, decays[i] its decay.
         deltas = [_delta(row[1], bias, fusion, plan.approx_math) for row in rows]
@@ -377,15 +338,8 @@ def _backward_kernel(*refs, plan, block_e):
             states.append(decay * states[-1] + (delta * u)[:, None] * Bt[None, :])
         for i in reversed(range(chunk)):
             t = c * chunk + i
-            u, raw, Bt, Ct, z, dy = rows[i]
+            u, raw, Bt, Ct, _, dy = rows[i]
             delta, decay = deltas[i], decays[i]
-            if fusion.gate:
-                sig = _sigmoid(z, plan.approx_math)
-                out = jnp.sum(states[i + 1] * Ct[None, :], axis=1)
-                if fusion.skip:
-                    out = out + D * u
-                dz_ref[b, t, channels] = (dy * out * sig * (1.0 + z * (1.0 - sig))).astype(dz_ref.dtype)
-                dy = dy * z * sig  # cotangent of the pre-gate output
             g = g + dy[:, None] * Ct[None, :]
             dC_ref[b, block, t, :] = jnp.sum(dy[:, None] * states[i + 1], axis=0).astype(dC_ref.dtype)
             dB_ref[b, block, t, :] = jnp.sum(g * (delta * u)[:, None], axis=0).astype(dB_ref.dtype)
@@ -418,12 +372,12 @@ def _backward_kernel(*refs, plan, block_e):
         dbias_ref[b, segment, channels] = dbias
 
 
-def _sum_tile(plan, cfg) -> int:
-    """Steps per tile of the sum kernels: the largest power of two up to `sum_tile` that
+def _sum_tile(plan, largest) -> int:
+    """Steps per tile of the sum kernels: the largest power of two up to `largest` that
     divides a segment (Triton tensors have power-of-two sides)."""
     steps = plan.chunks_per_segment * plan.chunk
     tile = 1
-    while tile * 2 <= cfg.sum_tile and steps % (tile * 2) == 0:
+    while tile * 2 <= largest and steps % (tile * 2) == 0:
         tile *= 2
     return tile
 
@@ -472,7 +426,7 @@ def _segment_start_adjoint_kernel(*refs, plan, block_e, tile):
     fusion = plan.bwd_fusion
     r = _Refs(refs)
     delta_ref, A_ref, C_ref, dy_ref = (r.take() for _ in range(4))
-    bias_ref, z_ref = r.take(fusion.bias), r.take(fusion.gate)
+    bias_ref = r.take(fusion.bias)
     g_start_ref, total_ref = r.take(), r.take()
 
     b, _, segment, channels, first, _ = _program(plan, block_e)
@@ -485,9 +439,6 @@ def _segment_start_adjoint_kernel(*refs, plan, block_e, tile):
         steps = pl.ds(first * plan.chunk + k * tile, tile)
         delta = _delta(delta_ref[b, steps, channels].astype(f32), bias, fusion, plan.approx_math)
         dy = dy_ref[b, steps, channels].astype(f32)
-        if fusion.gate:
-            z = z_ref[b, steps, channels].astype(f32)
-            dy = dy * z * _sigmoid(z, plan.approx_math)
         Ct = C_ref[b, steps, :].astype(f32)
         upto = before[None, :] + jnp.cumsum(delta, axis=0)
         terms = _exp(upto[:, :, None] * rate[None], plan) * dy[:, :, None] * Ct[:, None, :]
@@ -500,12 +451,12 @@ def _segment_start_adjoint_kernel(*refs, plan, block_e, tile):
 
 
 # ---------------------------------------------------------------------------- drivers
-def _interpret(cfg: PallasScanConfig) -> bool:
-    return jax.default_backend() != "gpu" if cfg.interpret is None else cfg.interpret
+def _interpret(options: PallasOptions) -> bool:
+    return jax.default_backend() != "gpu" if options.interpret is None else options.interpret
 
 
-def _call(kernel, out_shape, grid, cfg, num_warps, args):
-    interpret = _interpret(cfg)
+def _call(kernel, out_shape, grid, plan, num_warps, args):
+    interpret = plan.interpret
     if interpret:
         params = None
     else:
@@ -533,8 +484,8 @@ def _segment_recurrence(decays, drives, initial, reverse=False):
     x_{-1} = initial (with `reverse`, from the right: x_s = decays_s * x_{s+1} + drives_s).
 
     An associative scan, log2(S) levels of a few fused ops, rather than a `lax.scan` of S
-    dependent steps: those were three tiny kernels per segment, 4,600 per 64k prefill
-    (64 segments, 24 layers), about 6 ms of device time on an H100 (NOTES section 10).
+    dependent steps: those were three tiny kernels per segment and layer, whose launches
+    added up to a visible share of a long prompt's prefill.
     """
     first = -1 if reverse else 0
     drives = drives.at[:, first].add(decays[:, first] * initial)
@@ -542,81 +493,78 @@ def _segment_recurrence(decays, drives, initial, reverse=False):
     return jax.lax.associative_scan(combine, (decays, drives), reverse=reverse, axis=1)[1]
 
 
-def _forward(cfg, plan, u, delta, A, B, C, h0, bias, D, z, save_states):
+def _forward(tiling, plan, u, delta, A, B, C, h0, bias, D, z, save_states):
     """y (in u's dtype), the final state and, if `save_states`, the chunk-start states."""
     batch, length, channels = u.shape
     d_state = A.shape[-1]
     S = plan.segments
-    grid = (batch, channels // cfg.block_e, S)
+    grid = (batch, channels // tiling.block_e, S)
     fused = _fused_args(plan.fusion, bias, D, z)
     states_shape = jax.ShapeDtypeStruct((batch, length // plan.chunk, channels, d_state), f32)
     segment_state = jax.ShapeDtypeStruct((batch, S, channels, d_state), f32)
     segment_totals = jax.ShapeDtypeStruct((batch, S, channels), f32)
-    if cfg.fwd_bc == "float32":
-        B, C = B.astype(f32), C.astype(f32)
+    # The forward's kernels read B and C in fp32, converted by XLA first (a few MB per
+    # layer, unlike u): from bf16 rows every thread would unpack its share of each step's
+    # B and C again, in the loop (benchmarks/kernel_sass.py counts it). Exact, so it
+    # changes no bit of the result.
+    B, C = B.astype(f32), C.astype(f32)
 
     if S == 1:
         starts = h0[:, None]
     else:
-        kernel = functools.partial(_segment_end_kernel, plan=plan, block_e=cfg.block_e, tile=_sum_tile(plan, cfg))
+        kernel = functools.partial(_segment_end_kernel, plan=plan, block_e=tiling.block_e,
+                                   tile=_sum_tile(plan, tiling.sum_tile))
         bias_arg = [bias] if plan.fusion.bias else []
-        local_ends, totals = _call(kernel, [segment_state, segment_totals], grid, cfg, cfg.sum_num_warps,
+        local_ends, totals = _call(kernel, [segment_state, segment_totals], grid, plan, tiling.sum_num_warps,
                                    (u, delta, A, B, *bias_arg))
         decays = _segment_decays(totals, A)
         # The true end of segment s is decay_s * (its true start) + its end from zero.
         true_ends = _segment_recurrence(decays[:, :-1], local_ends[:, :-1], h0)
         starts = jnp.concatenate([h0[:, None], true_ends], axis=1)
-    kernel = functools.partial(_forward_kernel, plan=plan, block_e=cfg.block_e, save_states=save_states)
+    kernel = functools.partial(_forward_kernel, plan=plan, block_e=tiling.block_e, save_states=save_states)
     out_shape = [jax.ShapeDtypeStruct(u.shape, u.dtype), segment_state]
     out_shape += [states_shape] if save_states else []
     out_shape += [jax.ShapeDtypeStruct(u.shape, f32)] if save_states and plan.saves_pre_gate else []
-    y, ends, *saved = _call(kernel, out_shape, grid, cfg, cfg.num_warps, (u, delta, A, B, C, starts, *fused))
+    y, ends, *saved = _call(kernel, out_shape, grid, plan, tiling.num_warps, (u, delta, A, B, C, starts, *fused))
     return y, ends[:, -1], (tuple(saved) if save_states else None)
 
 
-def _backward(cfg, plan, residuals, dy, dfinal):
+def _backward(tiling, plan, residuals, dy, dfinal):
     u, delta, A, B, C, bias, D, z, (states, *pre_gate) = residuals
     plan = plan.backward()
     batch, length, channels = u.shape
     d_state = A.shape[-1]
-    S, fusion, full = plan.segments, plan.bwd_fusion, plan.fusion
-    block_e = cfg.bwd_block_e  # resolved by _tiling
-    warps = cfg.bwd_num_warps or cfg.num_warps
+    S, fusion = plan.segments, plan.bwd_fusion
+    block_e = tiling.bwd_block_e
     n_blocks = channels // block_e
     grid = (batch, n_blocks, S)
     segment_state = jax.ShapeDtypeStruct((batch, S, channels, d_state), f32)
-    # What the backward kernel does not fuse, XLA does around it, in fp32.
-    raw_u_dtype, raw_delta, dz = u.dtype, delta, None
-    if full.gate and not fusion.gate:
+    dz = None
+    if plan.fusion.gate:  # the gate's chain rule, in XLA (see `_Plan.bwd_fusion`)
         z32, dy32 = z.astype(f32), dy.astype(f32)
         sig = _sigmoid(z32)
         dz = (dy32 * pre_gate[0] * sig * (1.0 + z32 * (1.0 - sig))).astype(z.dtype)
         dy = dy32 * z32 * sig  # cotangent of the pre-gate output
-    if full.skip and not fusion.skip:
-        u32 = u.astype(f32)
-        dD_xla, du_skip = jnp.sum(dy.astype(f32) * u32, axis=(0, 1)), dy.astype(f32) * D
-        u = u32
-    prepare_delta_in_xla = (full.bias or full.softplus) and not (fusion.bias or fusion.softplus)
-    if prepare_delta_in_xla:
-        delta = _delta(delta.astype(f32), bias, full)
 
     if S == 1:
         g_ends = dfinal[:, None]
     else:
-        extras = [x for x, on in ((bias, fusion.bias), (z, fusion.gate)) if on]
-        kernel = functools.partial(_segment_start_adjoint_kernel, plan=plan, block_e=cfg.block_e,
-                                   tile=_sum_tile(plan, cfg))
+        extras = [bias] if fusion.bias else []
+        kernel = functools.partial(_segment_start_adjoint_kernel, plan=plan, block_e=tiling.block_e,
+                                   tile=_sum_tile(plan, tiling.sum_tile))
         segment_totals = jax.ShapeDtypeStruct((batch, S, channels), f32)
-        local, totals = _call(kernel, [segment_state, segment_totals], (batch, channels // cfg.block_e, S), cfg,
-                              cfg.sum_num_warps, (delta, A, C, dy, *extras))
+        local, totals = _call(kernel, [segment_state, segment_totals], (batch, channels // tiling.block_e, S), plan,
+                              tiling.sum_num_warps, (delta, A, C, dy, *extras))
         decays = _segment_decays(totals, A)
         # The adjoint entering segment s from its right is decay_{s+1} * (the one entering
         # segment s+1) + segment s+1's start adjoint from zero; the last receives dfinal.
         g_ends = _segment_recurrence(decays[:, 1:], local[:, 1:], dfinal, reverse=True)
         g_ends = jnp.concatenate([g_ends, dfinal[:, None]], axis=1)
 
-    partials = lambda x: jax.ShapeDtypeStruct(
-        (batch, n_blocks, length, d_state), x.dtype if cfg.bwd_partials == "input" else f32)
+    # The per-channel-block partial sums of dB and dC are written in B's and C's own dtype
+    # (bf16 in training, where dB and dC end in bf16 anyway) and summed over the blocks in
+    # fp32: at a few channels per program they are many times the size of B and C.
+    partials = lambda x: jax.ShapeDtypeStruct((batch, n_blocks, length, d_state), x.dtype)
     out_shape = [
         jax.ShapeDtypeStruct(u.shape, u.dtype),  # du
         jax.ShapeDtypeStruct(delta.shape, delta.dtype),  # d(raw) delta
@@ -628,36 +576,27 @@ def _backward(cfg, plan, residuals, dy, dfinal):
     per_channel = jax.ShapeDtypeStruct((batch, S, channels), f32)
     out_shape += [per_channel] if fusion.skip else []
     out_shape += [per_channel] if fusion.bias else []
-    out_shape += [jax.ShapeDtypeStruct(z.shape, z.dtype)] if fusion.gate else []
     kernel = functools.partial(_backward_kernel, plan=plan, block_e=block_e)
-    outs = _call(kernel, out_shape, grid, cfg, warps,
+    outs = _call(kernel, out_shape, grid, plan, tiling.bwd_num_warps,
                  (u, delta, A, B, C, states, dy, g_ends, *_fused_args(fusion, bias, D, z)))
     du, ddelta, dA, dB, dC, dh_start, *rest = outs
     dD = rest.pop(0).sum((0, 1)) if fusion.skip else None
     dbias = rest.pop(0).sum((0, 1)) if fusion.bias else None
-    dz = rest.pop(0) if fusion.gate else dz
-    if full.skip and not fusion.skip:
-        du, dD = du + du_skip, dD_xla
-    if prepare_delta_in_xla and full.softplus:
-        ddelta = ddelta * _softplus_grad(raw_delta.astype(f32), bias, full)
-    if prepare_delta_in_xla and full.bias:
-        dbias = ddelta.sum((0, 1))
     # Sum the per-block partials behind a barrier: fused into its consumer (the
     # concatenation of x_proj's output gradient), XLA ran the dB sum as a loop of strided
-    # loads at a quarter of the bandwidth its reduction kernel reached for dC on H100.
+    # loads, far below the bandwidth its reduction kernel reached for dC.
     dB, dC = jax.lax.optimization_barrier((dB.sum(1, dtype=f32), dC.sum(1, dtype=f32)))
-    return (du.astype(raw_u_dtype), ddelta.astype(raw_delta.dtype), dA.sum((0, 1)), dB.astype(B.dtype),
-            dC.astype(C.dtype), dh_start[:, 0], dbias, dD, dz)
+    return (du, ddelta, dA.sum((0, 1)), dB.astype(B.dtype), dC.astype(C.dtype), dh_start[:, 0], dbias, dD, dz)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _scan_padded(cfg, plan, u, delta, A, B, C, h0, bias, D, z):
-    y, final, _ = _forward(cfg, plan, u, delta, A, B, C, h0, bias, D, z, save_states=False)
+def _scan_padded(tiling, plan, u, delta, A, B, C, h0, bias, D, z):
+    y, final, _ = _forward(tiling, plan, u, delta, A, B, C, h0, bias, D, z, save_states=False)
     return y, final
 
 
-def _scan_padded_fwd(cfg, plan, u, delta, A, B, C, h0, bias, D, z):
-    y, final, saved = _forward(cfg, plan, u, delta, A, B, C, h0, bias, D, z, save_states=True)
+def _scan_padded_fwd(tiling, plan, u, delta, A, B, C, h0, bias, D, z):
+    y, final, saved = _forward(tiling, plan, u, delta, A, B, C, h0, bias, D, z, save_states=True)
     # Named so that remat="scan" keeps them and the backward pass skips the forward kernel.
     output_name, states_name = SCAN_RESIDUAL_NAMES
     y = checkpoint_name(y, output_name)
@@ -665,56 +604,81 @@ def _scan_padded_fwd(cfg, plan, u, delta, A, B, C, h0, bias, D, z):
     return (y, final), (u, delta, A, B, C, bias, D, z, saved)
 
 
-def _scan_padded_bwd(cfg, plan, residuals, cotangents):
-    return _backward(cfg, plan, residuals, *cotangents)
+def _scan_padded_bwd(tiling, plan, residuals, cotangents):
+    return _backward(tiling, plan, residuals, *cotangents)
 
 
 _scan_padded.defvjp(_scan_padded_fwd, _scan_padded_bwd)
 
 
-def _segment_count(cfg: PallasScanConfig, programs: int, length: int) -> int:
+def _segment_count(table: _Table, programs: int, length: int) -> int:
     """Segments for a grid of `programs` programs: none from `min_programs` up; below,
     double until the grid has `target_programs` and no segment is over
     `max_segment_length` steps, keeping segments of at least `min_segment_length`."""
     segments = 1
-    if programs < cfg.min_programs:
-        while length >= 2 * segments * cfg.min_segment_length and (
-            programs * segments < cfg.target_programs or length > segments * cfg.max_segment_length
+    if programs < table.min_programs:
+        while length >= 2 * segments * table.min_segment_length and (
+            programs * segments < table.target_programs or length > segments * table.max_segment_length
         ):
             segments *= 2
     return segments
 
 
-def _tiling(cfg: PallasScanConfig, batch: int, length: int, channels: int):
-    """Clamp the config to the shape, resolve its shape-dependent defaults (None tilings,
-    fuse="auto") and pick the forward's and the backward's segment counts:
-    (cfg, segments, bwd_segments)."""
+def _checked_overrides(overrides: Optional[dict]) -> dict:
+    overrides = dict(overrides or {})
+    unknown = sorted(set(overrides) - set(_TILING_OVERRIDES))
+    if unknown:
+        raise ValueError(f"unknown pallas tiling override(s) {unknown}; valid: {list(_TILING_OVERRIDES)}")
+    for name, value in overrides.items():
+        if type(value) is not int or value < 1 or (name in _POWERS_OF_TWO and value & (value - 1)):
+            wanted = "a power of two (1, 2, 4, ...)" if name in _POWERS_OF_TWO else "a positive whole number"
+            raise ValueError(f"pallas tiling override {name}={value!r}: give {wanted}")
+    return overrides
+
+
+def _tiling(batch: int, length: int, channels: int, options: PallasOptions,
+            overrides: Optional[dict] = None) -> _Tiling:
+    """The tiling of a (batch, length, channels) call, from `_TABLE` by shape: the channels
+    per program, the forward's and the backward's segment counts, the sum kernels' tile,
+    and fuse="auto" resolved. `overrides` (tests only) fix any outcome or segment rule."""
+    fixed = _checked_overrides(overrides)
+    table = _TABLE._replace(**{k: v for k, v in fixed.items() if k in _RULE_OVERRIDES})
     programs = lambda block_e: batch * -(-channels // block_e)
-    block_e = cfg.block_e or (16 if programs(16) >= cfg.min_programs else 32)
+    full_block_e, segmented_block_e = table.block_e
+    block_e = fixed.get("block_e") or (full_block_e if programs(full_block_e) >= table.min_programs
+                                       else segmented_block_e)
     block_e = min(block_e, _next_pow2(channels))
-    chunk = max(1, min(cfg.chunk, length))
-    segments = cfg.segments or _segment_count(cfg, programs(block_e), length)
-    bwd_segments = cfg.bwd_segments or segments
-    bwd_block_e = cfg.bwd_block_e or (8 if bwd_segments > 1 else 4)
+    chunk = max(1, min(fixed.get("chunk", table.chunk), length))
+    segments = fixed.get("segments") or _segment_count(table, programs(block_e), length)
+    bwd_segments = fixed.get("bwd_segments") or segments
+    bwd_block_e = fixed.get("bwd_block_e") or table.bwd_block_e[bwd_segments > 1]
     bwd_block_e = min(bwd_block_e, _next_pow2(channels))
-    sum_tile = cfg.sum_tile or max(1, 512 // block_e)
-    fuse = ("delta" if segments > 1 else False) if cfg.fuse == "auto" else cfg.fuse  # see PallasScanConfig.fuse
-    cfg = cfg._replace(block_e=block_e, bwd_block_e=bwd_block_e, chunk=chunk, sum_tile=sum_tile, fuse=fuse)
-    return cfg, segments, bwd_segments
+    sum_tile = fixed.get("sum_tile") or max(1, table.sum_elements // block_e)
+    # fuse="auto": the delta fused where the sequence is split into segments (see the module docstring).
+    fuse = ("delta" if segments > 1 else False) if options.fuse == "auto" else options.fuse
+    return _Tiling(
+        chunk=chunk, block_e=block_e, num_warps=fixed.get("num_warps", table.num_warps),
+        bwd_block_e=bwd_block_e, bwd_num_warps=fixed.get("bwd_num_warps", table.bwd_num_warps),
+        segments=segments, bwd_segments=bwd_segments, sum_tile=sum_tile,
+        sum_num_warps=fixed.get("sum_num_warps", table.sum_num_warps), fuse=fuse)
 
 
-def _run(u, delta, A, B, C, h0, bias, D, z, fusion, options):
-    """Pad to the kernel's tiling, choose segments, run, and slice the padding off."""
-    batch, length, channels = u.shape
+def _padded(tiling: _Tiling, length: int, channels: int) -> tuple[int, int]:
+    """(length, channels) padded to whole chunks in every segment, forward and backward,
+    and to whole channel blocks of both kernels."""
+    widest = max(tiling.block_e, tiling.bwd_block_e)  # both powers of two
+    steps = max(tiling.segments, tiling.bwd_segments) * tiling.chunk  # segment counts: powers of two
+    return -(-length // steps) * steps, -(-channels // widest) * widest
+
+
+def _run(u, delta, A, B, C, h0, bias, D, z, fusion, tiling, options):
+    """Pad to the kernels' tiling, run, and slice the padding off."""
+    _, length, channels = u.shape
     d_state = A.shape[-1]
-    cfg, segments, bwd_segments = _tiling(PallasScanConfig.from_options(**options), batch, length, channels)
-    widest = max(cfg.block_e, cfg.bwd_block_e)  # both powers of two
-    padded_e = -(-channels // widest) * widest
-    steps = max(segments, bwd_segments) * cfg.chunk  # all powers of two
-    padded_l = -(-length // steps) * steps
-    bwd_fusion = {"all": fusion, "nogate": fusion._replace(gate=False), "off": _Fusion()}[cfg.bwd_fuse]
-    plan = _Plan(cfg.chunk, padded_l // cfg.chunk, segments, bwd_segments, fusion, bwd_fusion,
-                 approx_math=cfg.approx_math and not _interpret(cfg))
+    padded_l, padded_e = _padded(tiling, length, channels)
+    interpret = _interpret(options)
+    plan = _Plan(tiling.chunk, padded_l // tiling.chunk, tiling.segments, tiling.bwd_segments, fusion,
+                 approx_math=options.approx_math and not interpret, interpret=interpret)
     padded_n = _next_pow2(d_state)
     de, dn, dl = padded_e - channels, padded_n - d_state, padded_l - length
 
@@ -726,7 +690,7 @@ def _run(u, delta, A, B, C, h0, bias, D, z, fusion, options):
     # Padded steps must leave the state alone: delta = 0 after the (fused) softplus.
     delta_pad = -jnp.inf if fusion.softplus else 0.0
     y, final = _scan_padded(
-        cfg, plan,
+        tiling, plan,
         pad(u, 0, dl, de), pad(delta, 0, dl, de, value=delta_pad), pad(A, de, dn),
         pad(B, 0, dl, dn), pad(C, 0, dl, dn), pad(h0, 0, de, dn),
         pad(bias, de), pad(D, de), pad(z, 0, dl, de),
@@ -734,38 +698,49 @@ def _run(u, delta, A, B, C, h0, bias, D, z, fusion, options):
     return y[:, :length, :channels], final[:, :channels, :d_state]
 
 
-def pallas_scan(u, delta, A, B, C, initial_state, **options):
+def pallas_scan(u, delta, A, B, C, initial_state, *, fuse: Union[bool, str] = PallasOptions.fuse,
+                approx_math: bool = PallasOptions.approx_math, interpret: Optional[bool] = PallasOptions.interpret,
+                _tiling_overrides: Optional[dict] = None):
     """Selective scan through the Pallas kernels; same contract as `scan.reference_scan`
     (delta with softplus applied, y in fp32 without D and gate). u, B and C may also come
     in a narrower dtype: the kernels compute in fp32 and return their gradients in the
-    inputs' dtypes. `options` are `PallasScanConfig` fields, e.g. block_e=32, chunk=8."""
+    inputs' dtypes. The keywords are `PallasOptions` (`fuse` has nothing to fuse here);
+    `_tiling_overrides` is for tests (see `_TILING_OVERRIDES`)."""
+    options = PallasOptions(fuse=fuse, approx_math=approx_math, interpret=interpret)
+    tiling = _tiling(*u.shape, options, _tiling_overrides)
     h0 = start_state(initial_state, *u.shape[::2], A.shape[-1])
-    return _run(u, delta, A, B, C, h0, None, None, None, _Fusion(), options)
+    return _run(u, delta, A, B, C, h0, None, None, None, _Fusion(), tiling, options)
 
 
 def pallas_selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                          initial_state=None, mask=None, **options):
-    """`selective_scan`'s full contract with bias, softplus, D and gate inside the kernels.
+                          initial_state=None, mask=None, *, fuse: Union[bool, str] = PallasOptions.fuse,
+                          approx_math: bool = PallasOptions.approx_math,
+                          interpret: Optional[bool] = PallasOptions.interpret,
+                          _tiling_overrides: Optional[dict] = None):
+    """`selective_scan`'s full contract with bias, softplus, D and gate inside the kernels
+    as `fuse` says (the keywords are `PallasOptions`; `_tiling_overrides` is for tests).
 
     u, delta, z stay in their dtype (bf16 in training) on the way in and y comes out in
     u's dtype, so no fp32 (B, L, E) copy of them is made. Masked positions get u = 0 and a
     delta of exactly 0, as in `selective_scan`.
     """
-    fuse = _tiling(PallasScanConfig.from_options(**options), *u.shape)[0].fuse
-    if not fuse:  # XLA does the work around the kernels
+    options = PallasOptions(fuse=fuse, approx_math=approx_math, interpret=interpret)
+    tiling = _tiling(*u.shape, options, _tiling_overrides)
+    h0 = start_state(initial_state, *u.shape[::2], A.shape[-1])
+    if not tiling.fuse:  # XLA does the work around the kernels
         delta32 = prepare_delta(delta, delta_bias, delta_softplus, mask)
         # u, B and C go in as they are (bf16 in training, where u is a bf16 activation, so
         # nothing is lost): the kernels read them as fp32 and return their gradients in
         # their own dtypes, which saves an fp32 (B, L, E) copy of u and of du per layer.
         u = u if mask is None else u * mask[..., None].astype(u.dtype)
-        y, final = pallas_scan(u, delta32, A.astype(f32), B, C, initial_state, **options)
+        y, final = _run(u, delta32, A.astype(f32), B, C, h0, None, None, None, _Fusion(), tiling, options)
         return finish_output(y, u.astype(f32), D, z, u.dtype), final
     if delta_bias is not None and not delta_softplus:
         # Masked and padded steps must see delta exactly 0. With a softplus they get a raw
         # delta of -inf; without one, no raw value gives 0 after each channel's bias in the
         # kernel, so the bias is added here, before masking and padding.
         delta, delta_bias = delta.astype(f32) + delta_bias.astype(f32), None
-    delta_only = fuse == "delta"  # D and the gate are then applied by XLA, after the kernels
+    delta_only = tiling.fuse == "delta"  # D and the gate are then applied by XLA, after the kernels
     fusion = _Fusion(bias=delta_bias is not None, softplus=bool(delta_softplus),
                      skip=D is not None and not delta_only, gate=z is not None and not delta_only)
     if mask is not None:
@@ -773,10 +748,10 @@ def pallas_selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, de
         u = jnp.where(keep, u, jnp.zeros((), u.dtype))
         off = -jnp.inf if delta_softplus else 0.0
         delta = jnp.where(keep, delta, jnp.asarray(off, delta.dtype))
-    h0 = start_state(initial_state, *u.shape[::2], A.shape[-1])
     as_f32 = lambda x: None if x is None else x.astype(f32)
     kernel_D, kernel_z = (None, None) if delta_only else (as_f32(D), z)
-    y, final = _run(u, delta, A.astype(f32), B, C, h0, as_f32(delta_bias), kernel_D, kernel_z, fusion, options)
+    y, final = _run(u, delta, A.astype(f32), B, C, h0, as_f32(delta_bias), kernel_D, kernel_z, fusion, tiling,
+                    options)
     if delta_only:
         y = finish_output(y, u.astype(f32), D, z, u.dtype)
     return y, final
