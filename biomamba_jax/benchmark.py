@@ -150,11 +150,12 @@ def time_decode(model_config: MambaConfig, batch: int, *, prompt: int = 128, new
             "peak_GiB": _process_peak_gib()}
 
 
-def scan_inputs(seed: int, batch: int, length: int, channels: int, d_state: int, dtype=jnp.bfloat16) -> dict:
+def scan_inputs(seed: int, batch: int, length: int, channels: int, d_state: int, dtype=jnp.bfloat16,
+                initial_state: bool = False) -> dict:
     """`selective_scan`'s arguments as the model passes them: raw delta, D, gate and dt
-    bias; activations in `dtype`, A, D and the bias in fp32."""
-    keys = jax.random.split(jax.random.PRNGKey(seed), 8)
-    return dict(
+    bias; activations in `dtype`, A, D, the bias and the optional start state in fp32."""
+    keys = jax.random.split(jax.random.PRNGKey(seed), 9)
+    inputs = dict(
         u=jax.random.normal(keys[0], (batch, length, channels), dtype),
         delta=(jax.random.normal(keys[1], (batch, length, channels)) - 1.0).astype(dtype),
         A=-jnp.exp(jax.random.normal(keys[2], (channels, d_state)) * 0.5),
@@ -164,6 +165,9 @@ def scan_inputs(seed: int, batch: int, length: int, channels: int, d_state: int,
         z=jax.random.normal(keys[6], (batch, length, channels), dtype),
         delta_bias=jax.random.normal(keys[7], (channels,)) * 0.3,
     )
+    if initial_state:
+        inputs["initial_state"] = jax.random.normal(keys[8], (batch, channels, d_state))
+    return inputs
 
 
 def time_scan(impl: str, batch: int, length: int, channels: int, d_state: int, *, backward: bool = True,

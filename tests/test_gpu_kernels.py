@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
+from biomamba_jax.benchmark import scan_inputs
 from biomamba_jax.model.scan import selective_scan
 from helpers import rel_err
 
@@ -16,21 +17,6 @@ pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU (run with -m gpu on a GPU machine)"),
 ]
-
-
-def random_inputs(seed, batch, length, channels, d_state, dtype):
-    keys = jax.random.split(jax.random.PRNGKey(seed), 9)
-    return dict(
-        u=jax.random.normal(keys[0], (batch, length, channels), dtype),
-        delta=(jax.random.normal(keys[1], (batch, length, channels)) - 1.0).astype(dtype),
-        A=-jnp.exp(jax.random.normal(keys[2], (channels, d_state)) * 0.5),
-        B=jax.random.normal(keys[3], (batch, length, d_state), dtype),
-        C=jax.random.normal(keys[4], (batch, length, d_state), dtype),
-        D=jax.random.normal(keys[5], (channels,)),
-        z=jax.random.normal(keys[6], (batch, length, channels), dtype),
-        delta_bias=jax.random.normal(keys[7], (channels,)) * 0.3,
-        initial_state=jax.random.normal(keys[8], (batch, channels, d_state)),
-    )
 
 
 def values_and_grads(impl, x, mask):
@@ -57,7 +43,7 @@ CASES = ([(shape, "pallas", mask) for shape in SHAPES for mask in (False, True)]
 
 @pytest.mark.parametrize("shape,impl,use_mask", CASES)
 def test_fp32_matches_reference(shape, impl, use_mask):
-    x = random_inputs(sum(shape), *shape, jnp.float32)
+    x = scan_inputs(sum(shape), *shape, jnp.float32, initial_state=True)
     mask = (jax.random.uniform(jax.random.PRNGKey(7), shape[:2]) > 0.2).astype(jnp.float32) if use_mask else None
     y, final, grads = values_and_grads(impl, x, mask)
     y_ref, final_ref, grads_ref = values_and_grads("reference", x, mask)
@@ -72,7 +58,7 @@ def test_fp32_matches_reference(shape, impl, use_mask):
 def test_bf16_activations_match_reference_on_the_same_inputs(shape, impl):
     """bf16 u, delta, z, B, C as in training: the kernels compute in fp32 like the reference,
     so the only differences are where each rounds its bf16 outputs and gradients."""
-    x = random_inputs(sum(shape), *shape, jnp.bfloat16)
+    x = scan_inputs(sum(shape), *shape, jnp.bfloat16, initial_state=True)
     y, final, grads = values_and_grads(impl, x, None)
     y_ref, final_ref, grads_ref = values_and_grads("reference", x, None)
     assert y.dtype == jnp.bfloat16 and final.dtype == jnp.float32
