@@ -12,6 +12,7 @@ import dataclasses
 from pathlib import Path
 from typing import List, Optional, Sequence
 
+import yaml
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -167,7 +168,13 @@ def load_run_config(
         bad = [item for item in overrides if "=" not in item]
         if bad:
             raise RunConfigError(f"overrides must look like section.key=value, got {bad}")
-        layers.append(OmegaConf.from_dotlist(list(overrides)))
+        for item in overrides:  # one at a time, so a value YAML cannot parse is named
+            try:
+                layers.append(OmegaConf.from_dotlist([item]))
+            except yaml.YAMLError as err:
+                problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+                raise RunConfigError(f"bad run config: cannot parse override {item!r} ({problem}); a list is "
+                                     "written section.key=[a,b]") from None
         merged = OmegaConf.merge(*layers)
         if OmegaConf.is_missing(merged, "name"):
             merged.name = preset or Path(config_file or "run").stem
