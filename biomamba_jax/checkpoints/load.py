@@ -157,7 +157,8 @@ def resolve_source(source: PathLike) -> Path:
 
 
 def _nearby_names(path: Path) -> str:
-    """"; did you mean X?" from the directories beside the first missing part of `path`."""
+    """A hint for a missing path: the directories beside its first missing part whose
+    names are close to it (" (runs exists; did you mean runs/smoke?)"), or ""."""
     parent, missing = path, None
     while not parent.exists():
         parent, missing = parent.parent, parent.name

@@ -134,7 +134,8 @@ def _tokenizer_for(path: Path, backend: str, default: Optional[str]):
         try:
             return load_tokenizer(source), str(source)
         except (OSError, ValueError, TypeError) as err:
-            raise EvalInputError(_naming(f"tokenizer for {path}", source, err)) from err
+            named = f"tokenizer for {path}" if str(source) in str(err) else f"tokenizer {source} for {path}"
+            raise EvalInputError(f"{named}: {err}") from err
     import transformers
 
     try:
