@@ -153,7 +153,10 @@ def resolve_source(source: PathLike) -> Path:
                 f"could not fetch {source!r} from the Hugging Face Hub ({type(err).__name__}: "
                 f"{err}). Offline? Download it elsewhere and pass the local directory."
             ) from err
-    raise ConversionError(f"no such checkpoint directory: {source}{_nearby_names(path)}")
+    hint = _nearby_names(path)
+    if not hint and HUB_ID_PATTERN.match(str(source)):
+        hint = f" (read as a local path, not a Hub id, because {path.parts[0]} exists here)"
+    raise ConversionError(f"no such checkpoint directory: {source}{hint}")
 
 
 def _nearby_names(path: Path) -> str:

@@ -38,6 +38,7 @@ from biomamba_jax.data.pubmed.shards import file_digests
 from biomamba_jax.data.tokenizer import EOS_ID
 
 _PREPARE_HINT = "run scripts/prepare_pubmed.py first (or biomamba_jax.data.prepare_pubmed)"
+_REPREPARE_HINT = "re-run scripts/prepare_pubmed.py into this folder to rebuild it"
 _PADDING_ROW = -1
 
 
@@ -89,12 +90,12 @@ def check_shard(data_dir: Path, shard: dict, verify: bool = False) -> Path:
     if actual != expected:
         raise ValueError(
             f"Shard {path} is {actual:,} bytes but the manifest's {shard['tokens']:,} tokens make "
-            f"{expected:,}: it changed after the dataset was prepared; {_PREPARE_HINT} again."
+            f"{expected:,}: it changed after the dataset was prepared; {_REPREPARE_HINT}."
         )
     if verify and file_digests(path)["sha256"] != shard["sha256"]:
         raise ValueError(
             f"Shard {path} does not match its sha256 in the manifest (changed or corrupt since it was "
-            f"written); {_PREPARE_HINT} again."
+            f"written); {_REPREPARE_HINT}."
         )
     return path
 

@@ -159,7 +159,8 @@ def _check_data(config: RunConfig, vocab_size: int) -> dict:
     if not data_dir.exists():
         raise RunError(
             f"data dir {data_dir} does not exist: run scripts/prepare_pubmed.py to build it, "
-            "or set data.dir=... (the smoke preset builds its own)"
+            "or set data.dir=... (with data.synthetic_files > 0, as in the smoke preset, a run generates its "
+            "own corpus at data.dir; --data-dir names prepared data and turns that off)"
         )
     try:
         manifest = read_manifest(data_dir, verify=config.data.verify)
