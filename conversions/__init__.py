@@ -9,12 +9,13 @@ tokenizer files that travel with a checkpoint, and the error-to-exit-code rule.
 from __future__ import annotations
 
 import sys
+import warnings
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
-from biomamba_jax.model.config import ConfigError, MambaConfig
+from biomamba_jax.model.config import ConfigError, ConfigWarning, MambaConfig
 from biomamba_jax.checkpoints.convert import CONVERSION_TABLE, ConversionError
 
 # Files of a Hugging Face tokenizer that make a checkpoint directory self-contained.
@@ -27,19 +28,50 @@ EXIT_BAD_INPUT = 2
 
 
 def run_command(body: Callable[[], None], program: str) -> int:
-    """Run a command body; bad input becomes `program: error: ...` on stderr and exit code 2."""
-    try:
-        body()
-    except USER_ERRORS as err:
-        message = " ".join(str(err).split()) or type(err).__name__
-        print(f"{program}: error: {message}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+    """Run a command body; bad input becomes `program: error: ...` on stderr and exit code 2,
+    and a config warning (an unknown key) `program: warning: ...`, one line each."""
+    show = warnings.showwarning
+
+    def show_config_warnings_in_one_line(message, category, *args, **kwargs):
+        if issubclass(category, ConfigWarning):
+            print(f"{program}: warning: {message}", file=sys.stderr)
+        else:
+            show(message, category, *args, **kwargs)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", ConfigWarning)
+        warnings.showwarning = show_config_warnings_in_one_line
+        try:
+            body()
+        except USER_ERRORS as err:
+            message = " ".join(str(err).split()) or type(err).__name__
+            print(f"{program}: error: {message}", file=sys.stderr)
+            return EXIT_BAD_INPUT
     return 0
 
 
 def tokenizer_files_in(directory: Path) -> dict[str, Path]:
     """The tokenizer files present in `directory`, by name."""
     return {name: directory / name for name in TOKENIZER_FILES if (directory / name).is_file()}
+
+
+def check_tokenizer_fits(extra: dict[str, Path], config: MambaConfig, label: str) -> None:
+    """Refuse to ship a tokenizer with ids the model has no embedding row for: the export
+    would load, then fail (or index out of range) on the first such token."""
+    path = extra.get("tokenizer.json")
+    if path is None:
+        return
+    from tokenizers import Tokenizer
+
+    try:
+        size = Tokenizer.from_file(str(path)).get_vocab_size(with_added_tokens=True)
+    except Exception as err:  # the tokenizers library raises its own Exception types
+        raise ConversionError(f"cannot read tokenizer {label}: {err}") from err
+    if size > config.vocab_size:
+        raise ConversionError(
+            f"tokenizer {label} has {size} ids but the model has {config.vocab_size} embedding rows: "
+            "pass --tokenizer with the tokenizer the model was trained with"
+        )
 
 
 def tensor_count(params: dict, config: MambaConfig) -> int:

@@ -16,7 +16,8 @@ from biomamba_jax.checkpoints.load import detect_format, load_checkpoint, resolv
 from biomamba_jax.checkpoints.export import export_hf, export_mamba_ssm
 from biomamba_jax.checkpoints.runs import find_tokenizer, load_model, run_dir_of
 from biomamba_jax.data.tokenizer import load_tokenizer
-from conversions import parameter_count, print_summary, run_command, tensor_count, tokenizer_files_in
+from conversions import (check_tokenizer_fits, parameter_count, print_summary, run_command, tensor_count,
+                         tokenizer_files_in)
 
 PROGRAM = "jax_to_torch.py"
 EXPORTERS = {"hf": export_hf, "mamba_ssm": export_mamba_ssm}
@@ -85,11 +86,15 @@ def main(argv: list[str] | None = None) -> int:
             if args.tokenizer:
                 print(f"loading tokenizer {args.tokenizer}")
                 extra = _saved_tokenizer_files(args.tokenizer, Path(tokenizer_dir))
+                label = args.tokenizer
             elif tokenizer_files_in(directory) or run_dir is None:
                 extra = tokenizer_files_in(directory)
+                label = str(directory / "tokenizer.json")
             else:
                 found = find_tokenizer(args.src)
                 extra = _saved_tokenizer_files(str(found), Path(tokenizer_dir)) if found else {}
+                label = str(found)
+            check_tokenizer_fits(extra, config, label)
             if not args.no_model_card:
                 card = Path(tokenizer_dir) / "README.md"
                 card.write_text(model_card(description, config, args.fmt, run_dir, args.eval_report))

@@ -12,7 +12,8 @@ if __package__ in (None, ""):  # run as `python conversions/torch_to_jax.py`
 from biomamba_jax.model.config import COMPUTE_DTYPES
 from biomamba_jax.checkpoints.load import detect_format, load_checkpoint, resolve_source
 from biomamba_jax.checkpoints.export import save_pretrained
-from conversions import parameter_count, print_summary, run_command, tensor_count, tokenizer_files_in
+from conversions import (check_tokenizer_fits, parameter_count, print_summary, run_command, tensor_count,
+                         tokenizer_files_in)
 
 PROGRAM = "torch_to_jax.py"
 EPILOG = """\
@@ -61,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         tensors = tensor_count(params, config)
         print(f"converting {tensors} tensors ({fmt} layout -> JAX layout)")
         extra = tokenizer_files_in(directory)
+        check_tokenizer_fits(extra, config, str(directory / "tokenizer.json"))
         print(f"writing {args.dst}" + (f" (with {', '.join(extra)})" if extra else ""))
         save_pretrained(params, config, args.dst, overwrite=args.overwrite, extra_files=extra)
         print_summary(args.dst, "native JAX checkpoint", config, tensors, parameter_count(params))

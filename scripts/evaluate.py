@@ -16,7 +16,8 @@ are cached per (model, set) in OUT/cache: re-running reuses what is finished.
 import argparse
 import sys
 
-from biomamba_jax.evaluation.evaluate import EvalInputError, EvalSettings, evaluate, load_sets, resolve_models, write_report
+from biomamba_jax.evaluation.evaluate import (EvalInputError, EvalSettings, evaluate, fit_sets, load_sets, resolve_models,
+                                             write_report)
 
 
 def parse_args(argv=None):
@@ -36,6 +37,9 @@ def parse_args(argv=None):
     parser.add_argument("--max-answer-tokens", type=int, default=24)
     parser.add_argument("--max-docs", type=int, default=200, help="documents from a PubMed validation split")
     parser.add_argument("--no-factoid", action="store_true", help="skip beam search and the factoid metrics")
+    parser.add_argument("--strict-length", action="store_true",
+                        help="stop when a BioASQ question does not fit --max-tokens even with no context "
+                             "(default: skip it and report the count)")
     return parser.parse_args(argv)
 
 
@@ -47,6 +51,7 @@ def main(argv=None) -> int:
     try:
         models = resolve_models(args.model, args.tokenizer)
         sets = load_sets(args.bioasq, args.pubmed_dir, args.text, max_docs=args.max_docs)
+        sets = fit_sets(models, sets, settings, strict=args.strict_length)
         results = evaluate(models, sets, args.out, settings)
         written = write_report(results, args.out, models, sets, args.run_dir, settings)
     except EvalInputError as err:

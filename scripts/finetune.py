@@ -14,6 +14,7 @@ are `section.key=value` pairs on top of the preset (biomamba_jax/configs/*.yaml)
 """
 import argparse
 import sys
+from pathlib import Path
 
 from biomamba_jax.training.finetune import finetune
 from biomamba_jax.training.config import list_presets, load_run_config
@@ -38,7 +39,13 @@ def parse_args(argv=None):
     parser.add_argument("--tokenizer", help="tokenizer.json, a dir or a Hub id (finetune.tokenizer)")
     parser.add_argument("--out-dir", help="run output dir (run.out_dir)")
     parser.add_argument("--epochs", type=int, help="finetune.epochs")
-    return parser.parse_intermixed_args(argv)
+    args = parser.parse_intermixed_args(argv)
+    for flag, files in (("--train", args.train), ("--eval", args.eval)):
+        overrides = [name for name in files or () if "=" in name and not Path(name).exists()]
+        if overrides:
+            # nargs="+" takes every word after the flag, overrides included
+            parser.error(f"{flag} takes files; {overrides[0]!r} looks like an override: give overrides before {flag}")
+    return args
 
 
 def main(argv=None) -> int:

@@ -7,8 +7,12 @@ Examples:
   python scripts/prepare_pubmed.py raw/*.xml.gz --out data/pubmed \\
       --tokenizer ../shared/data/tokenizers/gpt-neox-20b/tokenizer.json --workers 8
 
+  # check a prepared dataset: every shard's size and sha256 against manifest.json
+  python scripts/prepare_pubmed.py --verify --out data/pubmed
+
 Re-running with the same --out resumes (finished files and shards are reused). Exit
-status 1 when a file could not be read (truncated .gz, not XML) or no document survives.
+status 1 when a file could not be read (truncated .gz, not XML), no document survives,
+or --verify finds a shard that differs from the manifest.
 """
 
 from __future__ import annotations
@@ -46,19 +50,39 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--language", default=None, help="keep only articles in this Article/Language, e.g. eng")
     parser.add_argument("--allow-failed-files", action="store_true", help="write the manifest even if some input files were unreadable")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--verify", action="store_true",
+                        help="only check the dataset in --out: each shard's size and sha256 against manifest.json")
     download = parser.add_argument_group("download from NLM")
     download.add_argument("--download", type=int, metavar="N", default=0, help="first fetch the first N baseline files (md5-checked)")
     download.add_argument("--download-dir", type=Path, default=None, help="where downloads go (default: OUT/raw)")
     download.add_argument("--base-url", default=BASELINE_URL, help="baseline URL, any urllib URL incl. file:// (default: %(default)s)")
     download.add_argument("--file-prefix", default=BASELINE_PREFIX, help="baseline file name prefix (default: %(default)s)")
     args = parser.parse_args(argv)
-    if not args.inputs and not args.download:
+    if args.verify and (args.inputs or args.download):
+        parser.error("--verify checks the dataset already in --out; give it no inputs or --download")
+    if not args.inputs and not args.download and not args.verify:
         parser.error("give input files/directories/globs, or --download N")
     return args
 
 
+def verify(out: Path) -> int:
+    from biomamba_jax.data import read_manifest
+
+    try:
+        manifest = read_manifest(out, verify=True)
+    except (OSError, ValueError, KeyError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    shards = [shard for split in manifest["splits"].values() for shard in split["shards"]]
+    tokens = sum(shard["tokens"] for shard in shards)
+    print(f"{out}: {len(shards)} shards, {tokens:,} tokens: sizes and sha256 match {out / 'manifest.json'}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.verify:
+        return verify(args.out)
     inputs = list(args.inputs)
     try:
         if args.download:

@@ -35,7 +35,8 @@ def parse_args(argv=None):
     parser.add_argument("--init", help="'random', a checkpoint dir or a Hub id (model.init)")
     parser.add_argument("--parallel", choices=["auto", "pmap", "sharding"], help="parallel.mode")
     parser.add_argument("--fsdp", action="store_true", help="shard params/optimizer state (sharding mode)")
-    parser.add_argument("--data-dir", help="prepared PubMed dir (data.dir)")
+    parser.add_argument("--data-dir", help="prepared PubMed dir (data.dir); real data, so it also sets "
+                                           "data.synthetic_files=0 unless that is given too")
     parser.add_argument("--out-dir", help="run output dir (run.out_dir)")
     parser.add_argument("--steps", type=int, help="optimizer steps (run.steps)")
     parser.add_argument("--coordinator-address", help="multi-host: host:port of process 0")
@@ -54,6 +55,10 @@ def main(argv=None) -> int:
         "parallel.num_processes": args.num_processes, "parallel.process_id": args.process_id,
         "parallel.fsdp": True if args.fsdp else None,
     }
+    if args.data_dir is not None and not any(o.startswith("data.synthetic_files=") for o in args.overrides):
+        # A dir named on the command line holds real data: a preset's synthetic corpus
+        # must neither be generated into it nor stand in for it when it is missing.
+        flag_overrides["data.synthetic_files"] = 0
     overrides = [f"{k}={v}" for k, v in flag_overrides.items() if v is not None] + args.overrides
     try:
         config = load_run_config(args.preset, args.config, overrides)

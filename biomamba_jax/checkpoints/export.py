@@ -7,14 +7,15 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 from safetensors.numpy import save_file as save_safetensors
 
+from biomamba_jax.files import apply_default_modes
 from biomamba_jax.model.config import MambaConfig
 from biomamba_jax.checkpoints.convert import (HF, MAMBA_SSM, jax_to_torch_state)
 from biomamba_jax.model.mamba import MambaLM
@@ -31,9 +32,12 @@ def _atomic_directory(destination: PathLike, overwrite: bool) -> Iterator[Path]:
     if destination.exists() and not overwrite:
         raise FileExistsError(f"{destination} exists; pass overwrite=True (--overwrite) to replace it")
     destination.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.tmp-", dir=destination.parent))
+    # Not tempfile.mkdtemp: its 0o700 would end up on the published directory.
+    staging = destination.parent / f".{destination.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+    staging.mkdir()
     try:
         yield staging
+        apply_default_modes(staging)
         if destination.exists():
             shutil.rmtree(destination)
         os.replace(staging, destination)

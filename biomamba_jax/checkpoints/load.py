@@ -15,8 +15,10 @@ renames it into place, so a failure leaves no partial directory behind.
 
 from __future__ import annotations
 
+import difflib
 import json
 import re
+import warnings
 from pathlib import Path
 from typing import Union
 
@@ -24,12 +26,13 @@ import numpy as np
 from flax import nnx
 from safetensors.numpy import load_file as load_safetensors
 
-from biomamba_jax.model.config import ConfigError, MambaConfig
+from biomamba_jax.model.config import (HF_FORMAT, ConfigError, ConfigWarning, MambaConfig, config_format)
 from biomamba_jax.checkpoints.convert import (HF, MAMBA_SSM, ConversionError, expected_param_shapes, jax_to_torch_state,
                       torch_to_jax_params)
 from biomamba_jax.model.mamba import MambaLM
 
-__all__ = ["from_pretrained", "load_checkpoint", "model_params", "model_from_params", "detect_format", "resolve_source", "NATIVE"]
+__all__ = ["from_pretrained", "load_checkpoint", "read_checkpoint_dir", "read_json", "model_params", "model_from_params",
+           "detect_format", "resolve_source", "NATIVE"]
 
 NATIVE = "native"
 NATIVE_CONFIG = "biomamba_config.json"
@@ -63,10 +66,11 @@ def jax_tree_from_numpy(params: dict) -> dict:
 
 
 # --------------------------------------------------------------------------- reading
-def _read_json(path: Path) -> dict:
+def read_json(path: Path):
+    """A JSON file's value; a ConfigError naming the file when it cannot be read."""
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ConfigError(f"cannot read {path}: {err}") from err
 
 
@@ -96,7 +100,7 @@ def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
 
 def _read_weights(directory: Path) -> dict[str, np.ndarray]:
     if (directory / SHARD_INDEX).exists():
-        index = _read_json(directory / SHARD_INDEX)
+        index = read_json(directory / SHARD_INDEX)
         tensors: dict[str, np.ndarray] = {}
         for shard in sorted(set(index.get("weight_map", {}).values())):
             tensors.update(_read_safetensors(directory / shard))
@@ -113,6 +117,7 @@ def _read_weights(directory: Path) -> dict[str, np.ndarray]:
 
 
 def detect_format(directory: Path) -> str:
+    """NATIVE, HF or MAMBA_SSM, from the config file's name and keys (`config_format`)."""
     if (directory / NATIVE_CONFIG).exists():
         return NATIVE
     config_path = directory / "config.json"
@@ -120,25 +125,22 @@ def detect_format(directory: Path) -> str:
         raise ConversionError(
             f"{directory} is not a Mamba checkpoint: it has neither {NATIVE_CONFIG} nor config.json"
         )
-    values = _read_json(config_path)
-    if "hidden_size" in values:
-        return HF
-    if "d_model" in values:
-        return MAMBA_SSM
-    raise ConversionError(
-        f"{config_path} is neither a transformers Mamba config (hidden_size) nor a "
-        "mamba_ssm config (d_model, n_layer)"
-    )
+    fmt = config_format(read_json(config_path), config_path, native=False)
+    return HF if fmt == HF_FORMAT else MAMBA_SSM
 
 
 def resolve_source(source: PathLike) -> Path:
-    """A local directory as is; a Hub id downloaded (config, weights, tokenizer files)."""
+    """A local directory as is; a Hub id downloaded (config, weights, tokenizer files).
+
+    A string shaped like a Hub id ("owner/name") is fetched only when it cannot be a local
+    path: if its first component exists here, it is a mistyped path and reported as one.
+    """
     path = Path(source).expanduser()
     if path.exists():
         if not path.is_dir():
             raise ConversionError(f"{path} is a file; pass the checkpoint directory that holds it")
         return path
-    if HUB_ID_PATTERN.match(str(source)):
+    if HUB_ID_PATTERN.match(str(source)) and not Path(path.parts[0]).exists():
         from huggingface_hub import snapshot_download
 
         try:
@@ -151,18 +153,53 @@ def resolve_source(source: PathLike) -> Path:
                 f"could not fetch {source!r} from the Hugging Face Hub ({type(err).__name__}: "
                 f"{err}). Offline? Download it elsewhere and pass the local directory."
             ) from err
-    raise ConversionError(f"no such checkpoint directory: {source}")
+    hint = _nearby_names(path)
+    if not hint and HUB_ID_PATTERN.match(str(source)):
+        hint = f" (read as a local path, not a Hub id, because {path.parts[0]} exists here)"
+    raise ConversionError(f"no such checkpoint directory: {source}{hint}")
+
+
+def _nearby_names(path: Path) -> str:
+    """A hint for a missing path: the directories beside its first missing part whose
+    names are close to it (" (runs exists; did you mean runs/smoke?)"), or ""."""
+    parent, missing = path, None
+    while not parent.exists():
+        parent, missing = parent.parent, parent.name
+        if parent == parent.parent and not parent.exists():
+            return ""
+    try:
+        names = sorted(child.name for child in parent.iterdir() if child.is_dir())
+    except OSError:
+        return ""
+    close = difflib.get_close_matches(missing or "", names, n=3, cutoff=0.6)
+    if not close:
+        return ""
+    shown = [str(parent / name) if str(parent) != "." else name for name in close]
+    return f" ({parent} exists; did you mean {' or '.join(shown)}?)"
 
 
 def load_checkpoint(source: PathLike, **runtime) -> tuple[MambaConfig, dict, str]:
     """Read a checkpoint of any supported format: (config, nested numpy params, format).
 
-    `runtime` overrides run-time config fields (dtype, scan_impl, remat).
+    `source` is whatever the scripts accept (`checkpoints.runs.load_model`): a checkpoint
+    directory of any format, a Hub id, a training run directory (its hf/ export, else its
+    latest checkpoint) or RUN/checkpoints/STEP. `runtime` overrides run-time config fields
+    (dtype, scan_impl, remat).
     """
+    from biomamba_jax.checkpoints.runs import load_source  # runs builds on this module
+
+    config, params, fmt, _ = load_source(source, **runtime)
+    return config, params, fmt
+
+
+def read_checkpoint_dir(source: PathLike, **runtime) -> tuple[MambaConfig, dict, str]:
+    """`load_checkpoint` for a checkpoint directory (native, transformers, mamba_ssm) or a
+    Hub id; run directories are `checkpoints.runs`' part."""
     directory = resolve_source(source)
     fmt = detect_format(directory)
     if fmt == NATIVE:
-        config = MambaConfig.from_dict({**_read_json(directory / NATIVE_CONFIG), **runtime})
+        native_config = directory / NATIVE_CONFIG
+        config = MambaConfig.from_dict(read_json(native_config), source=str(native_config), **runtime)
         flat = _read_safetensors(directory / WEIGHTS)
         params: dict = {}
         for key, value in flat.items():
@@ -182,20 +219,28 @@ def load_checkpoint(source: PathLike, **runtime) -> tuple[MambaConfig, dict, str
             )
         jax_to_torch_state(params, config, HF)
         return config, params, fmt
-    tensors = _read_weights(directory)
-    values = _read_json(directory / "config.json")
+    # The config is read (and checked) before the weights, which may be large.
+    config_path = directory / "config.json"
+    values = read_json(config_path)
     if fmt == HF:
-        config = MambaConfig.from_hf_dict(values, **runtime)
+        config = MambaConfig.from_hf_dict(values, source=str(config_path), **runtime)
+        tensors = _read_weights(directory)
     else:
+        MambaConfig.from_mamba_ssm_dict(values, vocab_rows=1, source=str(config_path), **runtime)
+        tensors = _read_weights(directory)
         embedding = tensors.get("backbone.embedding.weight")
         if embedding is None:
             raise ConversionError(f"mamba_ssm checkpoint {directory} lacks backbone.embedding.weight")
-        config = MambaConfig.from_mamba_ssm_dict(values, vocab_rows=embedding.shape[0], **runtime)
+        with warnings.catch_warnings():  # the first read above has warned already
+            warnings.simplefilter("ignore", ConfigWarning)
+            config = MambaConfig.from_mamba_ssm_dict(values, vocab_rows=embedding.shape[0],
+                                                     source=str(config_path), **runtime)
     return config, torch_to_jax_params(tensors, config, fmt), fmt
 
 
 def from_pretrained(source: PathLike, **runtime) -> MambaLM:
-    """Load a JAX `MambaLM` from any supported directory or Hub id."""
+    """Load a JAX `MambaLM` from any source `load_checkpoint` reads (checkpoint directory,
+    Hub id, training run directory or run checkpoint)."""
     config, params, _ = load_checkpoint(source, **runtime)
     return model_from_params(config, params)
 

@@ -8,8 +8,10 @@ each accepts the same sources:
 
 - a run directory: its `hf/` export when the run finished, else its latest checkpoint;
 - `RUN/checkpoints/STEP`: that checkpoint;
-- any checkpoint `pretrained.load_checkpoint` reads (native JAX, transformers or
-  mamba_ssm directory, or a Hub id).
+- any checkpoint directory `load.read_checkpoint_dir` reads (native JAX, transformers
+  or mamba_ssm), or a Hub id.
+
+`load.load_checkpoint` and `from_pretrained` go through `load_source` too.
 """
 
 from __future__ import annotations
@@ -19,9 +21,9 @@ from pathlib import Path
 from typing import Optional, Union
 
 from biomamba_jax.model.config import MambaConfig
-from biomamba_jax.checkpoints.load import load_checkpoint
+from biomamba_jax.checkpoints.load import read_checkpoint_dir, read_json
 
-__all__ = ["is_run_dir", "load_model", "find_tokenizer", "restore_params", "run_dir_of"]
+__all__ = ["is_run_dir", "load_model", "load_source", "find_tokenizer", "restore_params", "run_dir_of"]
 
 PathLike = Union[str, Path]
 TOKENIZER_DIR = "tokenizer"  # where a run keeps the files of the tokenizer it trained with
@@ -70,22 +72,33 @@ def restore_params(run_dir: PathLike, step: Optional[int] = None) -> tuple[dict,
     return restored["state"]["params"], step
 
 
-def load_model(source: PathLike, **runtime) -> tuple[MambaConfig, dict, str]:
-    """(config, params, description) from a run dir, a run checkpoint or a checkpoint dir."""
+RUN_CHECKPOINT = "run"  # the format load_source reports for an orbax checkpoint of a run
+
+
+def load_source(source: PathLike, **runtime) -> tuple[MambaConfig, dict, str, str]:
+    """(config, params, format, description) from any model source: the one reader behind
+    `load_model`, `load.load_checkpoint` and `from_pretrained`."""
     path = Path(source)
     step_dir = _checkpoint_step_dir(path)
     if step_dir is None and is_run_dir(path):
         if (path / "hf" / "config.json").is_file():
-            config, params, _ = load_checkpoint(path / "hf", **runtime)
-            return config, params, f"run {path} (final export hf/)"
+            config, params, fmt = read_checkpoint_dir(path / "hf", **runtime)
+            return config, params, fmt, f"run {path} (final export hf/)"
         step_dir = (path, None)
     if step_dir is not None:
         run_dir, step = step_dir
         params, step = restore_params(run_dir, step)
-        config = MambaConfig.from_dict({**json.loads((run_dir / "model_config.json").read_text()), **runtime})
-        return config, params, f"run {run_dir} (checkpoint step {step})"
-    config, params, fmt = load_checkpoint(source, **runtime)
-    return config, params, f"{fmt} checkpoint {source}"
+        model_config = run_dir / "model_config.json"
+        config = MambaConfig.from_dict(read_json(model_config), source=str(model_config), **runtime)
+        return config, params, RUN_CHECKPOINT, f"run {run_dir} (checkpoint step {step})"
+    config, params, fmt = read_checkpoint_dir(source, **runtime)
+    return config, params, fmt, f"{fmt} checkpoint {source}"
+
+
+def load_model(source: PathLike, **runtime) -> tuple[MambaConfig, dict, str]:
+    """(config, params, description) from a run dir, a run checkpoint or a checkpoint dir."""
+    config, params, _, description = load_source(source, **runtime)
+    return config, params, description
 
 
 def find_tokenizer(source: PathLike) -> Optional[Path]:

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from biomamba_jax.data.tokenizer import EOS_ID
+from biomamba_jax.files import TextFileError, read_text
 
 PROMPT_TEMPLATE = "Question: {question}\nContext: {context}\nAnswer:"
 ANSWER_TEMPLATE = " {answer}"
@@ -42,6 +43,15 @@ assert _context_marker, "PROMPT_TEMPLATE must contain ' {context}'"
 
 class BioASQFormatError(ValueError):
     """A BioASQ file or question is not in the expected format; the message names which."""
+
+
+class ExampleTooLong(ValueError):
+    """A question whose prompt and answer do not fit `max_tokens` even with no context."""
+
+    def __init__(self, question_id: str, needed: int, max_tokens: int):
+        self.question_id, self.needed, self.max_tokens = question_id, needed, max_tokens
+        super().__init__(f"question {question_id}: the question and answer alone take {needed} tokens, more than "
+                         f"max_tokens={max_tokens}; raise max_tokens.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,8 +126,9 @@ def _answers(question: dict, kind: str, where: str, require_answers: bool) -> tu
         return ()
     if raw is None or raw == [] or raw == "":
         if require_answers:
-            raise BioASQFormatError(f"{where}: {kind} question has no exact_answer (a test file without gold "
-                                    "answers? pass require_answers=False)")
+            raise BioASQFormatError(f"{where}: {kind} question has no exact_answer; training and scoring need gold "
+                                    "answers: use a BioASQ training file or a test batch's golden file "
+                                    "(*_golden.json), not the test file given to participants")
         return ()
     if kind == "list":
         if not isinstance(raw, list):
@@ -156,10 +167,11 @@ def load_bioasq(
 ) -> BioASQSet:
     """Questions of the given `types` from a Task B training or golden/test JSON file.
 
-    Errors name the file and question id: missing file, invalid JSON, no top-level
-    `questions` list, a question without id/type/body, a kept question without an
-    answer (unless `require_answers=False`, for test files without gold), or a file with
-    no question of the requested types.
+    The file may be gzipped (by its magic bytes, whatever its name) and must be UTF-8.
+    Errors name the file and question id: missing file, other encodings, invalid JSON, no
+    top-level `questions` list, a question without id/type/body, a kept question without
+    an answer (unless `require_answers=False`, for test files without gold), or a file
+    with no question of the requested types.
     """
     path = Path(path)
     unknown = set(types) - set(QUESTION_TYPES)
@@ -168,7 +180,9 @@ def load_bioasq(
     if not path.is_file():
         raise FileNotFoundError(f"BioASQ file {path} does not exist.")
     try:
-        document = json.loads(path.read_text(encoding="utf-8"))
+        document = json.loads(read_text(path))
+    except TextFileError as error:
+        raise BioASQFormatError(str(error)) from None
     except json.JSONDecodeError as error:
         raise BioASQFormatError(f"{path}: invalid JSON at line {error.lineno} column {error.colno}: {error.msg}") from error
     if not isinstance(document, dict) or not isinstance(document.get("questions"), list):
@@ -198,17 +212,15 @@ def encode_example(question: BioASQQuestion, tokenizer, max_tokens: int, *, with
     """`input_ids` and `loss_mask` (int32, same length <= max_tokens) for one question.
 
     with_answer=False gives the prompt alone (for generation), all of it masked out.
-    The context is cut from its end to fit; question and answer are never cut.
+    The context is cut from its end to fit; question and answer are never cut: when they
+    alone exceed `max_tokens`, ExampleTooLong (a ValueError) says by how much.
     """
     head = _token_ids(tokenizer, _PROMPT_HEAD.format(question=question.body))
     tail = _token_ids(tokenizer, _PROMPT_TAIL)
     answer = _token_ids(tokenizer, ANSWER_TEMPLATE.format(answer=question.target)) + [EOS_ID] if with_answer else []
     room = max_tokens - len(head) - len(tail) - len(answer)
     if room < 0:
-        raise ValueError(
-            f"question {question.id}: the question and answer alone take {max_tokens - room} tokens, more than "
-            f"max_tokens={max_tokens}; raise max_tokens."
-        )
+        raise ExampleTooLong(question.id, max_tokens - room, max_tokens)
     context = _token_ids(tokenizer, " " + question.context)[:room] if question.context else []
     input_ids = head + context + tail + answer
     loss_mask = [0] * (len(input_ids) - len(answer)) + [1] * len(answer)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import io
 import json
 import math
 import sys
@@ -33,14 +34,21 @@ import grain
 import numpy as np
 
 from biomamba_jax.data.pubmed import MANIFEST_FORMAT, MANIFEST_NAME
+from biomamba_jax.data.pubmed.shards import file_digests
 from biomamba_jax.data.tokenizer import EOS_ID
 
 _PREPARE_HINT = "run scripts/prepare_pubmed.py first (or biomamba_jax.data.prepare_pubmed)"
+_REPREPARE_HINT = "re-run scripts/prepare_pubmed.py into this folder to rebuild it"
 _PADDING_ROW = -1
 
 
-def read_manifest(data_dir: str | Path) -> dict:
-    """The manifest.json of a prepared dataset, with a clear error when there is none."""
+def read_manifest(data_dir: str | Path, verify: bool = False) -> dict:
+    """The manifest.json of a prepared dataset, with a clear error when there is none.
+
+    Every shard it lists must exist with the size its token count implies, so a shard
+    rewritten, truncated or deleted since is refused here rather than read as garbage.
+    `verify` also checks each shard's sha256 (reads every byte: slow on a large dataset).
+    """
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
         raise FileNotFoundError(f"Dataset directory {data_dir} does not exist; {_PREPARE_HINT}.")
@@ -52,11 +60,44 @@ def read_manifest(data_dir: str | Path) -> dict:
         )
     try:
         manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ValueError(f"{path} is not valid JSON ({error}); {_PREPARE_HINT} again.") from error
-    if manifest.get("format") != MANIFEST_FORMAT:
-        raise ValueError(f"{path} has format {manifest.get('format')!r}, expected {MANIFEST_FORMAT!r}.")
+    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
+        found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        raise ValueError(f"{path} has format {found!r}, expected {MANIFEST_FORMAT!r}.")
+    for split in manifest.get("splits", {}).values():
+        for shard in split["shards"]:
+            check_shard(data_dir, shard, verify)
     return manifest
+
+
+def npy_size(tokens: int) -> int:
+    """Bytes of the `.npy` file `np.save` writes for `tokens` uint16 tokens."""
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        header, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint16)), "fortran_order": False,
+                 "shape": (tokens,)})
+    return header.tell() + 2 * tokens
+
+
+def check_shard(data_dir: Path, shard: dict, verify: bool = False) -> Path:
+    """The shard's path, after checking it is there with the size (and, with `verify`, the
+    sha256) the manifest gives it."""
+    path = Path(data_dir) / shard["file"]
+    if not path.is_file():
+        raise FileNotFoundError(f"Shard {path} listed in the manifest is missing; {_PREPARE_HINT} again.")
+    expected, actual = npy_size(shard["tokens"]), path.stat().st_size
+    if actual != expected:
+        raise ValueError(
+            f"Shard {path} is {actual:,} bytes but the manifest's {shard['tokens']:,} tokens make "
+            f"{expected:,}: it changed after the dataset was prepared; {_REPREPARE_HINT}."
+        )
+    if verify and file_digests(path)["sha256"] != shard["sha256"]:
+        raise ValueError(
+            f"Shard {path} does not match its sha256 in the manifest (changed or corrupt since it was "
+            f"written); {_REPREPARE_HINT}."
+        )
+    return path
 
 
 class TokenStream:
@@ -69,9 +110,7 @@ class TokenStream:
             raise KeyError(f"Split {split!r} not in {data_dir / MANIFEST_NAME}; it has {sorted(manifest['splits'])}.")
         self.shards = []
         for shard in manifest["splits"][split]["shards"]:
-            path = data_dir / shard["file"]
-            if not path.is_file():
-                raise FileNotFoundError(f"Shard {path} listed in the manifest is missing; {_PREPARE_HINT} again.")
+            path = check_shard(data_dir, shard)
             array = np.load(path, mmap_mode="r")
             if array.dtype != np.uint16 or array.shape != (shard["tokens"],):
                 raise ValueError(
@@ -212,6 +251,7 @@ def make_lm_loader(
     drop_remainder: bool = True,
     pad_final: bool = False,
     read_options: grain.ReadOptions | None = None,
+    verify: bool = False,
 ) -> LMBatchIterator:
     """Batches of packed rows from a prepared PubMed split (see the module docstring).
 
@@ -221,6 +261,7 @@ def make_lm_loader(
     training positions (batch_size * seq_len per host per batch), whichever is first;
     endless with a new permutation each epoch when neither is given.
     `process_index` / `process_count` default to jax.process_index() / process_count().
+    `verify` checks every shard's sha256 against the manifest first (`read_manifest`).
     """
     if seq_len < 1 or batch_size < 1:
         raise ValueError(f"seq_len and batch_size must be positive (got {seq_len}, {batch_size}).")
@@ -239,7 +280,7 @@ def make_lm_loader(
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index {process_index} is outside [0, process_count={process_count}).")
 
-    manifest = read_manifest(data_dir)
+    manifest = read_manifest(data_dir, verify)
     rows = PackedRows(TokenStream(data_dir, split, manifest), seq_len, pad_final)
     plan = _EpochPlan(len(rows), batch_size=batch_size, seed=seed, shuffle=shuffle, process_index=process_index,
                       process_count=process_count, drop_remainder=drop_remainder)

@@ -13,11 +13,13 @@ Metrics (see `metrics`): cross-entropy, perplexity and bits-per-byte over the an
 tokens + EOS of BioASQ examples (bytes: the UTF-8 of " " + answer) or over every token of
 a text document (scored after an EOS token as context, so the first token counts too);
 padding is never scored. On BioASQ also strict / lenient accuracy and MRR over up to 5
-candidates from beam search (answer = generated text up to EOS or a newline, stripped).
+candidates from beam search (answer = generated text up to EOS or a newline, stripped;
+candidates that differ only in case count once, as the metric compares them lowercased).
 
 Every (model, set) result is cached as JSON in OUT/cache, written atomically and keyed by
 a fingerprint of the model files, the set file and the settings: an interrupted run,
-re-run, recomputes only what is missing. All inputs are checked before any compute.
+re-run, recomputes only what is missing. All inputs are checked before any compute
+(`resolve_models`, `load_sets`, then `fit_sets` for the BioASQ questions' lengths).
 """
 
 from __future__ import annotations
@@ -29,13 +31,13 @@ from pathlib import Path
 from typing import Callable
 
 from biomamba_jax.files import write_text_atomic
-from biomamba_jax.evaluation.inputs import (EvalInputError, EvalSet, EvalSettings, ModelEntry, load_sets,
+from biomamba_jax.evaluation.inputs import (EvalInputError, EvalSet, EvalSettings, ModelEntry, fit_sets, load_sets,
                                            resolve_models)
 from biomamba_jax.evaluation.report import write_report
 from biomamba_jax.evaluation.scorers import JaxScorer, TorchScorer, score
 
 __all__ = ["EvalInputError", "ModelEntry", "EvalSet", "EvalSettings", "resolve_models", "load_sets",
-           "evaluate", "write_report"]
+           "fit_sets", "evaluate", "write_report"]
 
 
 

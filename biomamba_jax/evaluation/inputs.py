@@ -17,7 +17,11 @@ from biomamba_jax.data.tokenizer import EOS_ID
 
 REPORT_NOTE = ("Padding is masked: only answer tokens + EOS (BioASQ) or document tokens (text) are scored. "
                "Bits per byte = total nats / ln 2 / UTF-8 bytes of the scored text; it compares models "
-               "with different tokenizers, cross-entropy and perplexity (per token) do not.")
+               "with different tokenizers, cross-entropy and perplexity (per token) do not. "
+               "Factoid answers match gold synonyms as the official BioASQ evaluator does: lowercased, exact, "
+               "whitespace not stripped (a generated answer is cut at its first newline and stripped; gold "
+               "synonyms are read stripped), up to 5 distinct candidates. Questions whose question + answer "
+               "exceed max_tokens with no context at all are skipped (counted per set) unless --strict-length.")
 
 
 class EvalInputError(ValueError):
@@ -53,6 +57,13 @@ class EvalSet:
     path: Path
     items: list  # BioASQQuestion or str documents
     fingerprint: str
+    skipped: list = dataclasses.field(default_factory=list)  # ids of questions too long to score (fit_sets)
+
+
+def _naming(what: str, path, err: Exception) -> str:
+    """`what: err`, naming `path` unless the error's own message already does."""
+    text = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
+    return f"{what}: {text}" if str(path) in text else f"{what} {path}: {text}"
 
 
 def _files_fingerprint(path: Path) -> str:
@@ -93,17 +104,23 @@ def _model_kind(path: Path) -> str:
     config_path = path / "config.json"
     if not config_path.is_file():
         raise EvalInputError(f"{path}: unknown model format (no config.json, biomamba_config.json or run files)")
+    from biomamba_jax.model.config import HF_FORMAT, ConfigError, config_format
+
     try:
-        values = json.loads(config_path.read_text())
-    except json.JSONDecodeError as err:
+        values = json.loads(config_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise EvalInputError(f"{config_path} is not valid JSON: {err}") from err
-    if values.get("model_type") == "mamba" or "hidden_size" in values and "state_size" in values:
-        return "mamba-hf"
-    if "d_model" in values and "n_layer" in values and "ssm_cfg" in values:
-        return "mamba"
-    if values.get("model_type") and (values.get("architectures") or values.get("vocab_size")):
-        return "causal-lm"
-    raise EvalInputError(f"{path}: unknown model format (config.json names no model_type)")
+    if not isinstance(values, dict):
+        raise EvalInputError(f"{config_path} holds a JSON {type(values).__name__}, not an object of settings")
+    model_type = values.get("model_type")
+    if model_type not in (None, "mamba"):
+        if values.get("architectures") or values.get("vocab_size"):
+            return "causal-lm"
+        raise EvalInputError(f"{path}: unknown model format (model_type {model_type!r} names no architecture)")
+    try:
+        return "mamba-hf" if config_format(values, config_path, native=False) == HF_FORMAT else "mamba"
+    except ConfigError as err:
+        raise EvalInputError(f"{path}: unknown model format (config.json names no model_type; {err})") from err
 
 
 def _tokenizer_for(path: Path, backend: str, default: Optional[str]):
@@ -117,7 +134,8 @@ def _tokenizer_for(path: Path, backend: str, default: Optional[str]):
         try:
             return load_tokenizer(source), str(source)
         except (OSError, ValueError, TypeError) as err:
-            raise EvalInputError(f"tokenizer {source} for {path}: {err}") from err
+            named = f"tokenizer for {path}" if str(source) in str(err) else f"tokenizer {source} for {path}"
+            raise EvalInputError(f"{named}: {err}") from err
     import transformers
 
     try:
@@ -153,7 +171,7 @@ def resolve_models(specs: Sequence[str], default_tokenizer: Optional[str] = None
             try:
                 vocab = _vocab_size(path, backend)
             except Exception as err:  # noqa: BLE001 - any unreadable checkpoint is bad input here
-                raise EvalInputError(f"model {name}: cannot read {path}: {err}") from err
+                raise EvalInputError(_naming(f"model {name}: cannot read", path, err)) from err
             if len(tokenizer) > vocab:
                 raise EvalInputError(f"model {name}: tokenizer {source} has {len(tokenizer)} ids but the model "
                                      f"has {vocab} embedding rows (tokenizer/vocab mismatch)")
@@ -173,7 +191,7 @@ def _pubmed_documents(data_dir: Path, max_docs: int) -> list[str]:
         stream = TokenStream(data_dir, "validation", manifest)
         tokenizer = load_tokenizer(manifest["tokenizer"]["name"])
     except (OSError, ValueError, KeyError) as err:
-        raise EvalInputError(f"--pubmed-dir {data_dir}: {err}") from err
+        raise EvalInputError(_naming("--pubmed-dir", data_dir, err)) from err
     total = int(stream.starts[-1])
     tokens = stream.read(0, total) if total else np.zeros((0,), np.uint16)
     ends = np.flatnonzero(tokens == EOS_ID)
@@ -187,9 +205,14 @@ def _pubmed_documents(data_dir: Path, max_docs: int) -> list[str]:
 
 
 def _text_documents(path: Path) -> list[str]:
+    from biomamba_jax.files import TextFileError, read_text
+
     if not path.is_file():
         raise EvalInputError(f"--text {path} does not exist")
-    lines = path.read_text(encoding="utf-8").splitlines()
+    try:
+        lines = read_text(path).splitlines()
+    except TextFileError as err:
+        raise EvalInputError(f"--text: {err}") from None
     if path.suffix == ".jsonl":
         documents = []
         for number, line in enumerate(lines, 1):
@@ -211,7 +234,7 @@ def load_sets(bioasq: Sequence[str] = (), pubmed_dirs: Sequence[str] = (), texts
         try:
             loaded = load_bioasq(file, ("factoid",))
         except (FileNotFoundError, BioASQFormatError) as err:
-            raise EvalInputError(f"--bioasq {file}: {err}") from err
+            raise EvalInputError(_naming("--bioasq", file, err)) from err
         sets.append(EvalSet(f"bioasq:{Path(file).stem}", "bioasq", Path(file), loaded.questions,
                             _files_fingerprint(Path(file))))
     for directory in pubmed_dirs:
@@ -229,3 +252,53 @@ def load_sets(bioasq: Sequence[str] = (), pubmed_dirs: Sequence[str] = (), texts
     return sets
 
 
+
+
+def fit_sets(models: Sequence[ModelEntry], sets: Sequence[EvalSet], settings: EvalSettings, *,
+             strict: bool = False, log=print) -> list[EvalSet]:
+    """The sets with every BioASQ question that cannot be scored within `max_tokens` left
+    out, checked with each model's tokenizer before any compute.
+
+    The context is cut first (as `encode_example` does); what is left out is a question
+    whose question + answer alone exceed `max_tokens` (or, with beam search, whose prompt
+    leaves no room for `max_answer_tokens`). Every model scores the same questions, so a
+    question too long for any tokenizer is left out for all. `strict` makes it an error.
+    """
+    from biomamba_jax.data.bioasq import ExampleTooLong, encode_example
+
+    if settings.factoid and settings.max_answer_tokens >= settings.max_tokens:
+        raise EvalInputError(f"--max-answer-tokens {settings.max_answer_tokens} leaves no room for the prompt in "
+                             f"--max-tokens {settings.max_tokens}: raise --max-tokens")
+    fitted = []
+    for eval_set in sets:
+        if eval_set.kind != "bioasq":
+            fitted.append(eval_set)
+            continue
+        too_long: dict[int, ExampleTooLong] = {}
+        for index, question in enumerate(eval_set.items):
+            try:
+                for entry in models:
+                    encode_example(question, entry.tokenizer, settings.max_tokens)
+                    if settings.factoid:
+                        encode_example(question, entry.tokenizer, settings.max_tokens - settings.max_answer_tokens,
+                                       with_answer=False)
+            except ExampleTooLong as err:
+                too_long[index] = err
+        if not too_long:
+            fitted.append(eval_set)
+            continue
+        example = max(too_long.values(), key=lambda err: err.needed)
+        what = (f"{eval_set.name}: {len(too_long)} of {len(eval_set.items)} question(s) do not fit --max-tokens "
+                f"{settings.max_tokens} even with no context (e.g. {example.question_id}: {example.needed} tokens"
+                + (f" with --max-answer-tokens {settings.max_answer_tokens})" if settings.factoid else ")"))
+        if strict:
+            raise EvalInputError(f"{what}: raise --max-tokens, or leave out --strict-length to skip them")
+        if len(too_long) == len(eval_set.items):
+            raise EvalInputError(f"{what}: nothing left to score; raise --max-tokens")
+        log(f"{what}: skipped")
+        skipped = [eval_set.items[index].id for index in sorted(too_long)]
+        kept = [q for index, q in enumerate(eval_set.items) if index not in too_long]
+        # Which questions are scored is part of what a cached result means.
+        fingerprint = hashlib.sha256(f"{eval_set.fingerprint}:{skipped}".encode()).hexdigest()[:16]
+        fitted.append(dataclasses.replace(eval_set, items=kept, skipped=skipped, fingerprint=fingerprint))
+    return fitted

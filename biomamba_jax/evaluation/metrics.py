@@ -7,8 +7,9 @@ Language-model scores from summed negative log-likelihoods (nats):
   per byte they do.
 
 BioASQ factoid measures (BioASQ Evaluation-Measures; DESIGN.md section 4): up to 5
-ranked candidate answers per question, compared lowercased (and stripped) for exact
-string equality with any gold synonym.
+ranked candidate answers per question, compared lowercased for exact string equality
+with any gold synonym. Like the official evaluator (which lowercases both sides when it
+reads them and then compares with `equals`), no whitespace is stripped here.
 - strict accuracy: the first candidate matches;
 - lenient accuracy: any of the first 5 matches;
 - MRR: 1 / rank of the first matching candidate among the first 5, else 0;
@@ -26,7 +27,8 @@ MAX_CANDIDATES = 5
 
 
 def normalise_answer(text: str) -> str:
-    return text.strip().lower()
+    """What the official evaluator compares: the answer lowercased, nothing else."""
+    return text.lower()
 
 
 def first_match_rank(candidates: Sequence[str], gold: Sequence[str]) -> int | None:

@@ -98,12 +98,14 @@ def write_report(results: list[dict], out_dir: str | Path, models: list[ModelEnt
     report = {
         "models": [{"name": m.name, "path": str(m.path), "backend": m.backend, "tokenizer": m.tokenizer_source,
                     "vocab_size": m.vocab_size} for m in models],
-        "sets": [{"name": s.name, "kind": s.kind, "path": str(s.path), "items": len(s.items)} for s in sets],
+        "sets": [{"name": s.name, "kind": s.kind, "path": str(s.path), "items": len(s.items),
+                  "skipped_too_long": list(s.skipped)} for s in sets],
         "settings": dataclasses.asdict(settings), "note": REPORT_NOTE, "results": results,
     }
     write_text_atomic(written["json"], json.dumps(report, indent=1))
     sets_lines = [f"- `{s.name}`: {len(s.items)} {'factoid questions' if s.kind == 'bioasq' else 'documents'} "
-                  f"from `{s.path}`" for s in sets]
+                  f"from `{s.path}`" + (f" ({len(s.skipped)} skipped: question + answer longer than max_tokens "
+                                        f"{settings.max_tokens})" if s.skipped else "") for s in sets]
     model_lines = [f"- `{m.name}`: `{m.path}` ({m.backend})" for m in models]
     plots = [f"![{key}]({path.name})" for key, path in written.items() if path.suffix == ".png"]
     write_text_atomic(written["markdown"], "\n".join(["# Evaluation report", "", *model_lines, "", *sets_lines, "",

@@ -150,9 +150,17 @@ class TorchScorer:
 
 
 def _candidates(texts: Sequence[str]) -> list[str]:
-    """Generated texts -> up to 5 distinct answers: each cut at its first newline, stripped."""
-    answers = [text.split("\n", 1)[0].strip() for text in texts]
-    return list(dict.fromkeys(a for a in answers if a))[:metrics.MAX_CANDIDATES]
+    """Generated texts -> up to 5 distinct answers: each cut at its first newline, stripped.
+
+    Distinct as the metric sees them: answers equal after `metrics.normalise_answer`
+    (lowercasing) would score as one, so only the first (highest-ranked) is kept.
+    """
+    distinct: dict[str, str] = {}
+    for text in texts:
+        answer = text.split("\n", 1)[0].strip()
+        if answer:
+            distinct.setdefault(metrics.normalise_answer(answer), answer)
+    return list(distinct.values())[:metrics.MAX_CANDIDATES]
 
 
 def score(scorer, entry: ModelEntry, eval_set: EvalSet, settings: EvalSettings) -> dict:

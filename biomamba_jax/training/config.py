@@ -12,6 +12,7 @@ import dataclasses
 from pathlib import Path
 from typing import List, Optional, Sequence
 
+import yaml
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -48,12 +49,17 @@ class DataSection:
     dir: str = "data/pubmed"  # output of scripts/prepare_pubmed.py
     seq_len: int = 2048
     seed: int = 0
-    # When set, `dir` is (re)built from this many synthetic PubMed files before training:
-    # the offline smoke run goes through the same prepare and load path as real data.
+    # When set, `dir` is built from this many synthetic PubMed files before training (the
+    # offline smoke run goes through the same prepare and load path as real data), but only
+    # when it is missing, empty or such a corpus already; a non-empty folder of anything
+    # else is refused. scripts/pretrain.py --data-dir sets this to 0: a named dir is real data.
     synthetic_files: int = 0
     synthetic_docs_per_file: int = 200
     val_fraction: float = 0.005  # used when this run prepares the data itself
     tokenizer: str = "EleutherAI/gpt-neox-20b"
+    # Check every shard's sha256 against the manifest before training (reads all the data
+    # once); shard sizes are always checked.
+    verify: bool = False
 
 
 @dataclasses.dataclass
@@ -114,6 +120,9 @@ class FinetuneSection:
     val_fraction: float = 0.1
     epochs: int = 5
     max_tokens: int = 512  # per example (prompt + answer + EOS); only the context is cut
+    # A question whose question + answer exceed max_tokens even with no context is skipped
+    # (counted in the log and summary.json); false stops the run instead.
+    skip_too_long: bool = True
     patience: Optional[int] = 2  # evaluations (one per epoch) without a better val_loss; None: off
     tokenizer: Optional[str] = None  # None: the one that comes with model.init, else data.tokenizer
 
@@ -159,7 +168,13 @@ def load_run_config(
         bad = [item for item in overrides if "=" not in item]
         if bad:
             raise RunConfigError(f"overrides must look like section.key=value, got {bad}")
-        layers.append(OmegaConf.from_dotlist(list(overrides)))
+        for item in overrides:  # one at a time, so a value YAML cannot parse is named
+            try:
+                layers.append(OmegaConf.from_dotlist([item]))
+            except yaml.YAMLError as err:
+                problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+                raise RunConfigError(f"bad run config: cannot parse override {item!r} ({problem}); a list is "
+                                     "written section.key=[a,b]") from None
         merged = OmegaConf.merge(*layers)
         if OmegaConf.is_missing(merged, "name"):
             merged.name = preset or Path(config_file or "run").stem

@@ -20,7 +20,7 @@ from typing import Callable, Optional
 import numpy as np
 
 from biomamba_jax.model.config import MambaConfig
-from biomamba_jax.data.bioasq import BioASQFormatError, encode_example, load_bioasq, pad_batch
+from biomamba_jax.data.bioasq import BioASQFormatError, ExampleTooLong, encode_example, load_bioasq, pad_batch
 from biomamba_jax.training.parallel import BatchPlan
 from biomamba_jax.training.config import RunConfig
 from biomamba_jax.checkpoints.runs import TOKENIZER_DIR, find_tokenizer
@@ -125,6 +125,7 @@ class BioASQTask:
         self.tokenizer = None
         self.sets: dict[str, dict] = {}
         self.facts: dict = {}
+        self.skipped_too_long: dict[str, int] = {}  # per set, questions too long for max_tokens
 
     # ------------------------------------------------------------- set-up
     def _load_tokenizer(self, log: Callable):
@@ -152,12 +153,24 @@ class BioASQTask:
             questions += fresh  # later years repeat earlier questions: keep each id once
         return questions
 
-    def _encode(self, questions) -> dict[str, np.ndarray]:
-        try:
-            examples = [encode_example(q, self.tokenizer, self.seq_len + 1) for q in questions]
-        except ValueError as err:
-            raise RunError(f"{err} (finetune.max_tokens)") from err
-        return as_train_batch(pad_batch(examples, pad_to=self.seq_len + 1))
+    def _encode(self, questions, name: str, log: Callable) -> Optional[dict[str, np.ndarray]]:
+        """The set's examples as one padded batch (None when none fits), skipping the
+        questions too long for finetune.max_tokens unless finetune.skip_too_long is off."""
+        examples, too_long = [], []
+        for question in questions:
+            try:
+                examples.append(encode_example(question, self.tokenizer, self.seq_len + 1))
+            except ExampleTooLong as err:
+                if not self.config.finetune.skip_too_long:
+                    raise RunError(f"{err} (finetune.max_tokens); or set finetune.skip_too_long=true to skip "
+                                   "such questions") from err
+                too_long.append(err)
+        self.skipped_too_long[name] = len(too_long)
+        if too_long:
+            longest = max(too_long, key=lambda err: err.needed)
+            log(f"skipped      {len(too_long)} {name} question(s) whose question + answer alone exceed "
+                f"finetune.max_tokens={self.seq_len}, e.g. {longest.question_id} ({longest.needed} tokens)")
+        return as_train_batch(pad_batch(examples, pad_to=self.seq_len + 1)) if examples else None
 
     def prepare(self, model_config: MambaConfig, is_main: bool, log: Callable) -> None:
         f = self.config.finetune
@@ -170,25 +183,31 @@ class BioASQTask:
         train, val = split_by_id(self._questions(f.train_files, log), f.val_fraction)
         if not train:
             raise RunError("no training questions left after the validation split; lower finetune.val_fraction")
-        self.sets = {"train": self._encode(train)}
-        if val:
-            self.sets["val"] = self._encode(val)
+        # Every file is read and every example encoded (and checked for length) before
+        # anything compiles.
+        self.skipped_too_long = {}
+        encoded = {"train": self._encode(train, "train", log), "val": self._encode(val, "val", log)}
+        if encoded["train"] is None:
+            raise RunError(f"none of the {len(train)} training questions fits finetune.max_tokens={f.max_tokens}, "
+                           "even with no context: raise it")
         if f.eval_files:
             test_ids = {q.id for q in self._questions(f.eval_files, log)}
             overlap = test_ids & {q.id for q in train}
             if overlap:
                 log(f"warning: {len(overlap)} eval_files question(s) are also in train_files, e.g. {sorted(overlap)[0]}")
-            self.sets["test"] = self._encode(self._questions(f.eval_files, lambda *_: None))
+            encoded["test"] = self._encode(self._questions(f.eval_files, lambda *_: None), "test", log)
+        self.sets = {name: batch for name, batch in encoded.items() if batch is not None}
+        counts = {name: len(self.sets[name]["tokens"]) if name in self.sets else 0 for name in ("train", "val", "test")}
         self.facts = {
             "task": "finetune", "train_files": list(f.train_files), "eval_files": list(f.eval_files),
-            "train_questions": len(train), "val_questions": len(val), "val_fraction": f.val_fraction,
-            "test_questions": len(self.sets["test"]["tokens"]) if "test" in self.sets else 0,
+            "train_questions": counts["train"], "val_questions": counts["val"], "val_fraction": f.val_fraction,
+            "test_questions": counts["test"], "skipped_too_long": dict(self.skipped_too_long),
             "tokenizer": source, "max_tokens": f.max_tokens, "epochs": f.epochs, "patience": self.patience,
         }
         self._tokenizer_dir = Path(self.config.run.out_dir) / TOKENIZER_DIR
         if is_main:
             self.tokenizer.save_pretrained(str(self._tokenizer_dir))
-        log(f"split        {len(train)} train / {len(val)} validation questions (val_fraction {f.val_fraction}, "
+        log(f"split        {counts['train']} train / {counts['val']} validation questions (val_fraction {f.val_fraction}, "
             f"by question-id hash)" + (f"; {self.facts['test_questions']} test questions" if f.eval_files else ""))
 
     # ------------------------------------------------------------ the task

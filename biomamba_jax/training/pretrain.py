@@ -5,6 +5,7 @@ config), on the shared run loop (`loop.Trainer`). `pretrain(config)` is what
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Callable
 
@@ -108,14 +109,39 @@ class PubmedTask:
         }
 
 
+# Written first into a folder the smoke preset generates its corpus in: a folder with it
+# is ours to (re)fill, finished or not; any other non-empty folder is the user's.
+SYNTHETIC_MARKER = ".biomamba-synthetic.json"
+
+
 def _prepare_synthetic_data(config: RunConfig, log: Callable) -> None:
-    """Generate a synthetic PubMed corpus and prepare it through the real pipeline."""
+    """Generate a synthetic PubMed corpus and prepare it through the real pipeline.
+
+    Only into a folder that is missing, empty, or a synthetic corpus made here before
+    (finished: used as is; interrupted: completed). A finished dataset of any origin is
+    read, never rewritten.
+    """
     from biomamba_jax.data import prepare_pubmed, write_synthetic_pubmed
     from biomamba_jax.data.tokenizer import write_byte_level_tokenizer
+    from biomamba_jax.files import write_text_atomic
 
     data_dir = Path(config.data.dir)
     if (data_dir / "manifest.json").exists():
+        if not (data_dir / SYNTHETIC_MARKER).exists():
+            log(f"data.dir {data_dir} holds a prepared dataset: training on it (data.synthetic_files ignored)")
         return
+    ours = (data_dir / SYNTHETIC_MARKER).is_file()
+    if data_dir.exists() and not ours and (not data_dir.is_dir() or any(data_dir.iterdir())):
+        raise RunError(
+            f"data.dir {data_dir} is not empty and holds no dataset: data.synthetic_files="
+            f"{config.data.synthetic_files} generates a synthetic corpus only in a new or empty folder. "
+            "Point data.dir at one, or set data.synthetic_files=0 and prepare real data there with "
+            "scripts/prepare_pubmed.py"
+        )
+    data_dir.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(data_dir / SYNTHETIC_MARKER, json.dumps({
+        "files": config.data.synthetic_files, "docs_per_file": config.data.synthetic_docs_per_file,
+        "seed": config.data.seed}) + "\n")
     tokenizer = config.data.tokenizer
     if tokenizer == OFFLINE_TOKENIZER:
         tokenizer = str(write_byte_level_tokenizer(data_dir / "tokenizer" / "tokenizer.json"))
@@ -133,9 +159,13 @@ def _check_data(config: RunConfig, vocab_size: int) -> dict:
     if not data_dir.exists():
         raise RunError(
             f"data dir {data_dir} does not exist: run scripts/prepare_pubmed.py to build it, "
-            "or set data.dir=... (the smoke preset builds its own)"
+            "or set data.dir=... (with data.synthetic_files > 0, as in the smoke preset, a run generates its "
+            "own corpus at data.dir; --data-dir names prepared data and turns that off)"
         )
-    manifest = read_manifest(data_dir)
+    try:
+        manifest = read_manifest(data_dir, verify=config.data.verify)
+    except (OSError, ValueError) as err:
+        raise RunError(str(err)) from err
     data_vocab = int(manifest.get("tokenizer", {}).get("vocab_size", 0) or 0)
     if data_vocab > vocab_size:
         raise RunError(

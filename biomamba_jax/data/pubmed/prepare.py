@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import shlex
+import shutil
 import sys
 import time
 from collections.abc import Sequence
@@ -106,7 +107,9 @@ def prepare_pubmed(
     Re-running with the same out_dir resumes: per-file token caches and finished shards
     (same sha256) are reused. Unreadable files (truncated gzip, not XML) do not stop the
     others; unless `allow_failed_files`, they raise PrepareError at the end and no
-    manifest is written, so a partial dataset is never mistaken for a complete one.
+    manifest is written, so a partial dataset is never mistaken for a complete one; a run
+    that changes any file of an existing dataset removes its old manifest first. When no
+    input can be read, an `out_dir` this run created is removed again.
     Raises PrepareError when no document survives.
     """
     from biomamba_jax.data.tokenizer import load_tokenizer
@@ -126,6 +129,7 @@ def prepare_pubmed(
     fingerprint = tokenizer_fingerprint(loaded_tokenizer)
 
     out_dir = Path(out_dir)
+    created_out_dir = not out_dir.exists()
     cache_dir = out_dir / "cache"
     cache_dir.mkdir(parents=True, exist_ok=True)
     for leftover in [*out_dir.glob(f"*{PARTIAL_SUFFIX}"), *cache_dir.glob(f"*{PARTIAL_SUFFIX}")]:
@@ -137,6 +141,8 @@ def prepare_pubmed(
     failed = [{"file": str(result["path"]), "error": result["error"]} for result in results if "error" in result]
     good = [result for result in results if "error" not in result]
     if not good:
+        if created_out_dir:  # it holds nothing but an empty cache: leave no folder that looks like a dataset
+            shutil.rmtree(out_dir, ignore_errors=True)
         raise PrepareError("No input file could be read:\n" + "\n".join(f"  {f['error']}" for f in failed))
 
     documents, skipped = merge_files([r["index_path"] for r in good], min_chars=min_chars, language=language)
@@ -150,9 +156,15 @@ def prepare_pubmed(
 
     token_files = [np.load(result["tokens_path"], mmap_mode="r") for result in good]
     is_validation = validation_mask(documents.pmids, val_fraction)
+
+    def invalidate_manifest() -> None:
+        # An old manifest describes the shards about to change: until this run writes a
+        # new one (only when it succeeds), the folder must not pass for a finished dataset.
+        (out_dir / MANIFEST_NAME).unlink(missing_ok=True)
+
     splits = {
-        "train": write_split("train", documents.take(~is_validation), token_files, out_dir, shard_tokens),
-        "validation": write_split("validation", documents.take(is_validation), token_files, out_dir, shard_tokens),
+        split: write_split(split, documents.take(mask), token_files, out_dir, shard_tokens, invalidate_manifest)
+        for split, mask in (("train", ~is_validation), ("validation", is_validation))
     }
     shards_written = sum(split.pop("shards_written") for split in splits.values())
     shards_total = sum(len(split["shards"]) for split in splits.values())

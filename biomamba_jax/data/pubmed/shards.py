@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import io
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -133,11 +133,13 @@ def _npy_bytes(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def _write_if_changed(path: Path, payload: bytes) -> tuple[str, bool]:
-    """Write `payload` atomically unless `path` already holds exactly it. (sha256, written)."""
+def _write_if_changed(path: Path, payload: bytes, on_change: Callable[[], None]) -> tuple[str, bool]:
+    """Write `payload` atomically unless `path` already holds exactly it. (sha256, written).
+    `on_change` runs first when it will be written."""
     digest = hashlib.sha256(payload).hexdigest()
     if path.is_file() and path.stat().st_size == len(payload) and file_digests(path)["sha256"] == digest:
         return digest, False
+    on_change()
     with atomic_output(path) as partial:
         partial.write_bytes(payload)
     return digest, True
@@ -155,7 +157,10 @@ def _document_token_pieces(documents: _Documents, token_files: list[np.ndarray])
         yield token_files[documents.file_index[first]][documents.token_offset[first] : ends[last]]
 
 
-def write_split(split: str, documents: _Documents, token_files: list[np.ndarray], out_dir: Path, shard_tokens: int) -> dict:
+def write_split(split: str, documents: _Documents, token_files: list[np.ndarray], out_dir: Path, shard_tokens: int,
+                on_change: Callable[[], None] = lambda: None) -> dict:
+    """Write a split's shards and documents file, reusing identical files; `on_change` runs
+    before the first file is written or deleted (prepare_pubmed drops the manifest then)."""
     shards, written = [], 0
     buffer = np.empty(shard_tokens, np.uint16)
     filled = 0
@@ -163,7 +168,7 @@ def write_split(split: str, documents: _Documents, token_files: list[np.ndarray]
     def emit(tokens: np.ndarray) -> None:
         nonlocal written
         name = shard_name(split, len(shards))
-        digest, was_written = _write_if_changed(out_dir / name, _npy_bytes(tokens))
+        digest, was_written = _write_if_changed(out_dir / name, _npy_bytes(tokens), on_change)
         written += was_written
         shards.append({"file": name, "tokens": int(tokens.size), "sha256": digest})
 
@@ -181,10 +186,12 @@ def write_split(split: str, documents: _Documents, token_files: list[np.ndarray]
     current = {shard["file"] for shard in shards}
     for stale in out_dir.glob(f"{split}-[0-9][0-9][0-9][0-9][0-9].npy"):
         if stale.name not in current:
+            on_change()
             stale.unlink()
     documents_file = f"{split}-documents.npy"
     _write_if_changed(
-        out_dir / documents_file, _npy_bytes(np.stack([documents.pmids, documents.token_count], axis=1).astype(np.int64))
+        out_dir / documents_file, _npy_bytes(np.stack([documents.pmids, documents.token_count], axis=1).astype(np.int64)),
+        on_change,
     )
     return {
         "documents": int(len(documents.pmids)),
