@@ -200,7 +200,7 @@ _CLOSED_FRACTION = (lambda v: 0 <= v <= 1, "in [0, 1]")
 _NUMERIC_RULES = {
     "data.seq_len": _POSITIVE, "data.seed": _NON_NEGATIVE, "data.synthetic_files": _NON_NEGATIVE,
     "data.synthetic_docs_per_file": _POSITIVE, "data.val_fraction": _FRACTION,
-    "optim.peak_lr": _POSITIVE, "optim.final_lr_fraction": _CLOSED_FRACTION, "optim.warmup_steps": _NON_NEGATIVE,
+    "optim.peak_lr": _NON_NEGATIVE, "optim.final_lr_fraction": _CLOSED_FRACTION, "optim.warmup_steps": _NON_NEGATIVE,
     "optim.beta1": _FRACTION, "optim.beta2": _FRACTION, "optim.eps": _POSITIVE, "optim.weight_decay": _NON_NEGATIVE,
     "optim.clip_norm": _POSITIVE,
     "batch.global_batch_tokens": _POSITIVE, "batch.micro_batch_per_device": _POSITIVE,
