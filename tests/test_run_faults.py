@@ -152,3 +152,12 @@ def test_a_failed_checkpoint_write_stops_the_run_at_once(data_dir, tmp_path, mon
 def _saving_step(tmp_path) -> int:
     partial = [p.name for p in (tmp_path / "run" / "checkpoints").glob("*orbax-checkpoint-tmp*")]
     return int(partial[0].split(".")[0]) if partial else -1
+
+
+def test_the_plan_names_the_scan_that_runs_and_the_steps_memory(data_dir, tmp_path):
+    logged = []
+    pretrain(config_for(data_dir, tmp_path / "plan", "run.steps=1", "model.scan_impl=auto"), log=logged.append)
+    plan = "\n".join(str(line) for line in logged)
+    assert "scan chunked:chunk=128:inner=associative" in plan  # "auto" on a CPU, every option spelt out
+    memory = next(line for line in plan.splitlines() if line.startswith("memory"))
+    assert "GiB per device for the compiled step" in memory or "not reported" in memory
