@@ -19,18 +19,16 @@ from biomamba_jax.data.bioasq import (
     pad_batch,
 )
 
-SHARED_DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
-TOKENIZER_JSON = SHARED_DATA / "tokenizers" / "gpt-neox-20b" / "tokenizer.json"
-TRAINING = Path(__file__).resolve().parent / "fixtures" / "bioasq" / "training_tiny.json"
+from helpers import FIXTURES
+
+TRAINING = FIXTURES / "bioasq" / "training_tiny.json"
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    if not TOKENIZER_JSON.exists():
-        pytest.skip(f"shared tokenizer not found at {TOKENIZER_JSON} (a clone without ../shared/data)")
+def tokenizer(tokenizer_path):
     from biomamba_jax.data.tokenizer import load_tokenizer
 
-    return load_tokenizer(TOKENIZER_JSON)
+    return load_tokenizer(tokenizer_path)
 
 
 def write_json(path: Path, questions) -> Path:
@@ -91,18 +89,23 @@ def test_example_is_prompt_then_answer_and_mask_covers_answer_and_eos_only(token
 def test_truncation_cuts_only_the_context(tokenizer):
     question = load_bioasq(TRAINING).questions[0]
     full = encode_example(question, tokenizer, max_tokens=1000)
-    cut = encode_example(question, tokenizer, max_tokens=30)
-    assert len(full["input_ids"]) > 30 and len(cut["input_ids"]) == 30
+    context_tokens = len(tokenizer.encode(" " + question.context))
+    fixed = len(full["input_ids"]) - context_tokens  # the question, the prompt's frame, the answer
+    # Room for the context's first two words and no more.
+    budget = fixed + len(tokenizer.encode(" Cystic fibrosis"))
+    cut = encode_example(question, tokenizer, max_tokens=budget)
+    assert len(full["input_ids"]) > budget and len(cut["input_ids"]) == budget
     text = tokenizer.decode(cut["input_ids"].tolist())
-    assert text.startswith("Question: Which gene is mutated in cystic fibrosis?\nContext: Cystic fibrosis")
-    assert text.endswith("\nAnswer: CFTR<|endoftext|>")
-    assert "chloride channel" not in text
+    assert text == ("Question: Which gene is mutated in cystic fibrosis?\nContext: Cystic fibrosis"
+                    "\nAnswer: CFTR<|endoftext|>")
     assert cut["loss_mask"].sum() == full["loss_mask"].sum()
-    prompt_only = encode_example(question, tokenizer, max_tokens=25, with_answer=False)
-    assert tokenizer.decode(prompt_only["input_ids"].tolist()).endswith("\nAnswer:")
-    assert prompt_only["loss_mask"].sum() == 0 and len(prompt_only["input_ids"]) == 25
+    answer_tokens = int(full["loss_mask"].sum())
+    prompt_only = encode_example(question, tokenizer, max_tokens=budget - answer_tokens, with_answer=False)
+    assert tokenizer.decode(prompt_only["input_ids"].tolist()).endswith("Context: Cystic fibrosis\nAnswer:")
+    assert prompt_only["loss_mask"].sum() == 0 and len(prompt_only["input_ids"]) == budget - answer_tokens
     with pytest.raises(ValueError, match="question q-string: the question and answer alone take"):
-        encode_example(question, tokenizer, max_tokens=10)
+        encode_example(question, tokenizer, max_tokens=fixed - 1)
+    assert len(encode_example(question, tokenizer, max_tokens=fixed)["input_ids"]) == fixed  # no context at all
 
 
 def test_pad_batch_right_and_left(tokenizer):

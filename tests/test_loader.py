@@ -13,19 +13,15 @@ from biomamba_jax.data.loader import make_lm_loader, read_manifest
 from biomamba_jax.data.pubmed import prepare_pubmed
 from biomamba_jax.data.synthetic import write_synthetic_pubmed
 
-SHARED_DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
-TOKENIZER_JSON = SHARED_DATA / "tokenizers" / "gpt-neox-20b" / "tokenizer.json"
 SEQ_LEN = 31
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    if not TOKENIZER_JSON.exists():
-        pytest.skip(f"shared tokenizer not found at {TOKENIZER_JSON} (a clone without ../shared/data)")
+def data_dir(tmp_path_factory, tokenizer_path) -> Path:
     root = tmp_path_factory.mktemp("loader")
     corpus = write_synthetic_pubmed(root / "xml", n_files=2, docs_per_file=40, seed=7)
     # An odd shard size, so that rows straddle shard boundaries.
-    prepare_pubmed(corpus, root / "data", tokenizer=TOKENIZER_JSON, val_fraction=0.2, shard_tokens=997,
+    prepare_pubmed(corpus, root / "data", tokenizer=tokenizer_path, val_fraction=0.2, shard_tokens=997,
                    progress=False, command="test")
     return root / "data"
 

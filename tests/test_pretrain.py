@@ -1,5 +1,6 @@
 """End-to-end runs of scripts/pretrain.py on CPU: smoke, resume, preemption, kill -9,
 multi-process start-up, and the early errors."""
+import importlib.util
 import json
 import os
 import signal
@@ -22,6 +23,13 @@ SCRIPT = REPO / "scripts" / "pretrain.py"
 # A run small enough for CPU tests: tiny model, 32-token rows, 8 rows per step.
 FAST = ["data.seq_len=32", "batch.global_batch_tokens=256", "batch.micro_batch_per_device=4",
         "run.log_every=1", "run.eval_every=1000", "run.export_hf=false", "optim.warmup_steps=2"]
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("pretrain_script", SCRIPT)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    return script
 
 
 def env(devices: int = 1) -> dict:
@@ -51,6 +59,25 @@ def logged_losses(out_dir) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in map(json.loads, lines) if "loss" in r}
 
 
+def test_cli_smoke_run_writes_every_output(tmp_path, capsys):
+    """The script's smoke preset, shortened: a synthetic corpus generated and prepared, a
+    few steps, an evaluation, and every output a run leaves behind."""
+    fast = [option for option in FAST if not option.startswith("run.export_hf")]
+    argv = ["--preset", "smoke", f"run.out_dir={tmp_path / 'run'}", f"data.dir={tmp_path / 'data'}",
+            "data.synthetic_docs_per_file=40", *fast, "run.steps=3", "run.eval_every=3", "run.eval_batches=1"]
+    assert load_script().main(argv) == 0
+    out = capsys.readouterr().out
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert [step for step, _ in summary["losses"]] == [1, 2, 3]
+    assert all(np.isfinite(loss) for _, loss in summary["losses"]) and np.isfinite(summary["eval"]["val_loss"])
+    assert (tmp_path / "data" / "manifest.json").exists()
+    assert (tmp_path / "run" / "hf" / "model.safetensors").exists()
+    assert (tmp_path / "run" / "config.yaml").exists()
+    assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
+    assert "== smoke: plan ==" in out and "== done: step 3/3" in out
+
+
+@pytest.mark.slow  # the whole preset in a fresh process; test_cli_smoke_run_writes_every_output is its short form
 def test_smoke_preset_runs_and_loss_decreases(tmp_path):
     out = subprocess.run([sys.executable, str(SCRIPT), "--preset", "smoke", f"run.out_dir={tmp_path / 'run'}",
                           f"data.dir={tmp_path / 'data'}"], env=env(), capture_output=True, text=True,
@@ -143,16 +170,17 @@ def test_kill_during_saves_leaves_a_loadable_latest_checkpoint(data_dir, tmp_pat
     assert resumed["start_step"] == latest and resumed["final_step"] == latest + 1
 
 
-def test_early_errors_name_the_problem(tmp_path):
+def test_early_errors_name_the_problem(tmp_path, capsys):
     with pytest.raises(RunConfigError, match="Key 'lr' not in"):
         load_run_config("smoke", overrides=["optim.lr=1e-3"])
     with pytest.raises(RunError, match="does not exist: run scripts/prepare_pubmed.py"):
         pretrain(load_run_config("smoke", overrides=[f"data.dir={tmp_path / 'missing'}", "data.synthetic_files=0",
                                                      f"run.out_dir={tmp_path / 'o'}"]), log=lambda *_: None)
-    out = subprocess.run([sys.executable, str(SCRIPT), "--preset", "smoke", "batch.micro_batch_per_device=3",
-                          f"run.out_dir={tmp_path / 'o'}"], env=env(), capture_output=True, text=True, timeout=300)
-    assert out.returncode == 2 and "micro_batch_per_device to one of" in out.stderr
-    assert not (tmp_path / "o").exists()  # rejected before anything was written
+    capsys.readouterr()
+    assert load_script().main(["--preset", "smoke", "batch.micro_batch_per_device=3", f"run.out_dir={tmp_path / 'o'}",
+                               f"data.dir={tmp_path / 'd'}"]) == 2
+    assert "micro_batch_per_device to one of" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists() and not (tmp_path / "d").exists()  # rejected before anything was written
 
 
 def _free_port() -> int:
@@ -161,6 +189,7 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+@pytest.mark.slow  # three fresh processes, each compiling for 8 or 4 CPU devices
 def test_two_processes_match_one_process(data_dir, tmp_path):
     """2 processes x 4 CPU devices through jax.distributed on localhost == 1 x 8 devices."""
     common = [f"data.dir={data_dir}", "data.synthetic_files=0", *FAST, "run.steps=3",

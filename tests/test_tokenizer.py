@@ -2,41 +2,39 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import transformers
 
 from biomamba_jax.data import tokenizer as tokenizer_module
 from biomamba_jax.data.tokenizer import EOS_ID, load_tokenizer
 
-SHARED_DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
-TOKENIZER_JSON = SHARED_DATA / "tokenizers" / "gpt-neox-20b" / "tokenizer.json"
+HEY = "Hey how are you doing?"
+NEOX_HEY_IDS = [8262, 849, 403, 368, 2509, 32]
 
 
-@pytest.fixture
-def tokenizer_json() -> Path:
-    if not TOKENIZER_JSON.exists():
-        pytest.skip(f"shared tokenizer not found at {TOKENIZER_JSON} (a clone without ../shared/data)")
-    return TOKENIZER_JSON
+def test_neox_golden_ids(neox_tokenizer_path):
+    tokenizer = load_tokenizer(neox_tokenizer_path)
+    assert tokenizer(HEY)["input_ids"] == NEOX_HEY_IDS
+    assert tokenizer.encode(HEY) == NEOX_HEY_IDS  # no BOS added
+    assert len(tokenizer) == 50277
 
 
-def test_golden_ids_and_mamba_special_tokens(tokenizer_json):
-    tokenizer = load_tokenizer(tokenizer_json)
-    assert tokenizer("Hey how are you doing?")["input_ids"] == [8262, 849, 403, 368, 2509, 32]
-    assert tokenizer.encode("Hey how are you doing?") == [8262, 849, 403, 368, 2509, 32]  # no BOS added
+def test_mamba_special_tokens_eos_is_pad_and_no_bos(tokenizer_path):
+    tokenizer = load_tokenizer(tokenizer_path)
     assert EOS_ID == 0
     assert (tokenizer.eos_token, tokenizer.eos_token_id) == ("<|endoftext|>", 0)
     assert (tokenizer.pad_token, tokenizer.pad_token_id) == ("<|endoftext|>", 0)
     assert tokenizer.bos_token is None
-    assert len(tokenizer) == 50277
-    padded = tokenizer(["a b c", "a"], padding=True)["input_ids"]
-    assert padded[1][1:] == [0, 0]
+    ids = tokenizer.encode(HEY)
+    assert 0 not in ids and tokenizer.decode(ids) == HEY  # no BOS or EOS added; decodes back
+    long, short = tokenizer.encode("a b c"), tokenizer.encode("a")
+    assert tokenizer(["a b c", "a"], padding=True)["input_ids"] == [long, short + [0] * (len(long) - len(short))]
 
 
-def test_directory_source(tokenizer_json, tmp_path):
-    (tmp_path / "tokenizer.json").symlink_to(tokenizer_json.resolve())
-    assert load_tokenizer(tmp_path).encode("Hey how are you doing?") == [8262, 849, 403, 368, 2509, 32]
+def test_directory_source(tokenizer_path, tmp_path):
+    (tmp_path / "tokenizer.json").symlink_to(tokenizer_path.resolve())
+    expected = load_tokenizer(tokenizer_path).encode(HEY)
+    assert load_tokenizer(tmp_path).encode(HEY) == expected
     assert load_tokenizer(str(tmp_path)).pad_token_id == 0
 
 

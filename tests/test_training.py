@@ -17,6 +17,13 @@ from biomamba_jax.training.step import weight_decay_mask
 REPO = Path(__file__).resolve().parents[1]
 
 
+def step_test_config():
+    """A tiny fp32 model whose train step compiles quickly: these tests are about the step."""
+    from biomamba_jax.model.config import MambaConfig
+
+    return MambaConfig.preset("tiny", vocab_size=64, dtype="float32", scan_impl="reference", remat="none")
+
+
 def fake_device_env(count: int) -> dict:
     env = dict(os.environ)
     env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={count}"
@@ -102,13 +109,12 @@ def test_batch_plan_and_impossible_split():
 def test_nonfinite_step_is_skipped_and_counted():
     from flax import nnx
 
-    from biomamba_jax.model.config import MambaConfig
     from biomamba_jax.model.mamba import MambaLM
     from biomamba_jax.checkpoints.load import model_params
     from biomamba_jax.training.config import OptimSection
     from biomamba_jax.training.step import TrainState, make_optimizer, make_train_step
 
-    model = MambaLM(MambaConfig.preset("tiny", vocab_size=64, dtype="float32"), rngs=nnx.Rngs(0))
+    model = MambaLM(step_test_config(), rngs=nnx.Rngs(0))
     params = model_params(model)
     params["norm_f"]["weight"] = params["norm_f"]["weight"].at[0].set(np.nan)
     optimizer = make_optimizer(OptimSection(), total_steps=10)
@@ -178,12 +184,11 @@ def test_train_step_takes_an_optimizer_without_extra_arguments():
     GradientTransformation (no **extra_args) must still work."""
     from flax import nnx
 
-    from biomamba_jax.model.config import MambaConfig
     from biomamba_jax.model.mamba import MambaLM
     from biomamba_jax.checkpoints.load import model_params
     from biomamba_jax.training.step import TrainState, make_train_step
 
-    model = MambaLM(MambaConfig.preset("tiny", vocab_size=64, dtype="float32"), rngs=nnx.Rngs(0))
+    model = MambaLM(step_test_config(), rngs=nnx.Rngs(0))
     params = model_params(model)
     sgd = optax.scale(-0.1)
     plain = optax.GradientTransformation(sgd.init, lambda updates, state, params=None: sgd.update(updates, state))
