@@ -4,6 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from biomamba_jax.benchmark import scan_inputs
 from biomamba_jax.model.scan import SCAN_IMPLS, selective_scan, selective_state_update
 from helpers import rel_err
 
@@ -11,19 +12,7 @@ FAST_IMPLS = [name for name in SCAN_IMPLS if name != "reference"]
 
 
 def random_inputs(seed, batch, length, channels, d_state, dtype=jnp.float32):
-    keys = jax.random.split(jax.random.PRNGKey(seed), 9)
-    return dict(
-        u=jax.random.normal(keys[0], (batch, length, channels), dtype),
-        delta=jax.random.normal(keys[1], (batch, length, channels), dtype) - 1.0,
-        A=-jnp.exp(jax.random.normal(keys[2], (channels, d_state)) * 0.5),
-        B=jax.random.normal(keys[3], (batch, length, d_state), dtype),
-        C=jax.random.normal(keys[4], (batch, length, d_state), dtype),
-        D=jax.random.normal(keys[5], (channels,)),
-        z=jax.random.normal(keys[6], (batch, length, channels), dtype),
-        delta_bias=jax.random.normal(keys[7], (channels,)) * 0.3,
-        initial_state=jax.random.normal(keys[8], (batch, channels, d_state)),
-    )
-
+    return scan_inputs(seed, batch, length, channels, d_state, dtype, initial_state=True)
 
 
 def naive_numpy_scan(u, delta, A, B, C, D, z, delta_bias, initial_state):
