@@ -4,6 +4,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from biomamba_jax import benchmark
 from biomamba_jax.training.config import load_run_config
 
@@ -24,6 +26,7 @@ def test_size_overrides_the_presets_model():
     assert benchmark.model_for(config).d_model == 64
 
 
+@pytest.mark.slow  # three interpreter start-ups with JAX
 def test_cli_writes_json_rows_and_rejects_bad_input(tmp_path):
     out = tmp_path / "bench.json"
     command = [sys.executable, str(REPO / "scripts" / "benchmark.py"), "--preset", "smoke", "--workloads",

@@ -125,6 +125,7 @@ def test_resuming_a_finished_run_changes_nothing(data_dir, tmp_path):
     assert again["final_step"] == 3 and again["losses"]
 
 
+@pytest.mark.slow  # about a minute: a whole run until its injected write error
 def test_a_failed_checkpoint_write_stops_the_run_at_once(data_dir, tmp_path, monkeypatch):
     """A write error in the background save (here injected where orbax writes array data)
     stops the run at the first step after the save has failed, and no later than the next
