@@ -271,48 +271,53 @@ class MambaConfig:
 HF_FORMAT, MAMBA_SSM_FORMAT, NATIVE_FORMAT = "hf", "mamba_ssm", "native"
 _REQUIRED = object()  # a field without a default: the file must set it
 
+def _field(name: str, kind: str) -> tuple[str, str, Any]:
+    """A config-file key read into MambaConfig field `name`, defaulting to that field's own default."""
+    return name, kind, MambaConfig.__dataclass_fields__[name].default
+
+
 # transformers key -> (MambaConfig field, kind, default when the key is absent).
 _HF_FIELDS: dict[str, tuple[str, str, Any]] = {
     "hidden_size": ("d_model", "int", _REQUIRED),
     "num_hidden_layers": ("n_layer", "int", _REQUIRED),
     "vocab_size": ("vocab_size", "int", _REQUIRED),
-    "state_size": ("d_state", "int", 16),
-    "conv_kernel": ("d_conv", "int", 4),
-    "expand": ("expand", "int", 2),
-    "time_step_rank": ("dt_rank", "int|auto", "auto"),
-    "layer_norm_epsilon": ("norm_eps", "number", 1e-5),
-    "use_conv_bias": ("conv_bias", "bool", True),
-    "use_bias": ("proj_bias", "bool", False),
-    "tie_word_embeddings": ("tie_embeddings", "bool", True),
-    "time_step_min": ("dt_min", "number", 1e-3),
-    "time_step_max": ("dt_max", "number", 1e-1),
-    "time_step_floor": ("dt_init_floor", "number", 1e-4),
-    "time_step_scale": ("dt_scale", "number", 1.0),
-    "initializer_range": ("initializer_range", "number", 0.02),
-    "eos_token_id": ("eos_token_id", "token id", 0),
-    "pad_token_id": ("pad_token_id", "token id", 0),
+    "state_size": _field("d_state", "int"),
+    "conv_kernel": _field("d_conv", "int"),
+    "expand": _field("expand", "int"),
+    "time_step_rank": _field("dt_rank", "int|auto"),
+    "layer_norm_epsilon": _field("norm_eps", "number"),
+    "use_conv_bias": _field("conv_bias", "bool"),
+    "use_bias": _field("proj_bias", "bool"),
+    "tie_word_embeddings": _field("tie_embeddings", "bool"),
+    "time_step_min": _field("dt_min", "number"),
+    "time_step_max": _field("dt_max", "number"),
+    "time_step_floor": _field("dt_init_floor", "number"),
+    "time_step_scale": _field("dt_scale", "number"),
+    "initializer_range": _field("initializer_range", "number"),
+    "eos_token_id": _field("eos_token_id", "token id"),
+    "pad_token_id": _field("pad_token_id", "token id"),
 }
 # mamba_ssm top-level key -> (MambaConfig field, kind, default); the rest are checked in
 # from_mamba_ssm_dict (they select features this project does not support).
 _MAMBA_SSM_FIELDS: dict[str, tuple[str, str, Any]] = {
     "d_model": ("d_model", "int", _REQUIRED),
     "n_layer": ("n_layer", "int", _REQUIRED),
-    "vocab_size": ("vocab_size", "int", 50277),
-    "pad_vocab_size_multiple": ("pad_vocab_size_multiple", "int", 8),
-    "tie_embeddings": ("tie_embeddings", "bool", True),
+    "vocab_size": ("vocab_size", "int", 50277),  # unpadded, as mamba_ssm writes it
+    "pad_vocab_size_multiple": _field("pad_vocab_size_multiple", "int"),
+    "tie_embeddings": _field("tie_embeddings", "bool"),
 }
 # ssm_cfg key -> (MambaConfig field, kind, default); the mixer's arguments for Mamba1.
 _SSM_CFG_FIELDS: dict[str, tuple[str, str, Any]] = {
-    "d_state": ("d_state", "int", 16),
-    "d_conv": ("d_conv", "int", 4),
-    "expand": ("expand", "int", 2),
-    "dt_rank": ("dt_rank", "int|auto", "auto"),
-    "conv_bias": ("conv_bias", "bool", True),
-    "bias": ("proj_bias", "bool", False),
-    "dt_min": ("dt_min", "number", 1e-3),
-    "dt_max": ("dt_max", "number", 1e-1),
-    "dt_init_floor": ("dt_init_floor", "number", 1e-4),
-    "dt_scale": ("dt_scale", "number", 1.0),
+    "d_state": _field("d_state", "int"),
+    "d_conv": _field("d_conv", "int"),
+    "expand": _field("expand", "int"),
+    "dt_rank": _field("dt_rank", "int|auto"),
+    "conv_bias": _field("conv_bias", "bool"),
+    "bias": _field("proj_bias", "bool"),
+    "dt_min": _field("dt_min", "number"),
+    "dt_max": _field("dt_max", "number"),
+    "dt_init_floor": _field("dt_init_floor", "number"),
+    "dt_scale": _field("dt_scale", "number"),
     "dt_init": (None, "str", "random"),  # initialisation only; read for its type
     "use_fast_path": (None, "bool", True),  # a CUDA kernel switch, no effect on the weights
 }
