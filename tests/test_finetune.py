@@ -108,3 +108,16 @@ def test_early_stopping_keeps_and_exports_the_best_checkpoint(tmp_path):
     assert summary["stopped_by"].startswith("early stopping")
     assert summary["final_step"] == 2 and summary["best_step"] == 1 and summary["exported_step"] == 1
     assert (tmp_path / "run" / "hf" / "model.safetensors").exists()
+
+
+def test_a_resumed_fine_tune_still_exports_its_best_checkpoint(tmp_path):
+    """Keep 1 plus the best, stop after 2 epochs, resume: the best (epoch 1, lr 0) was
+    written by the first process and must survive the second's saves to be exported."""
+    settings = ("optim.peak_lr=0.0", "finetune.val_fraction=0.4", "finetune.patience=3", "finetune.epochs=8",
+                "run.checkpoint_every=1", "run.keep_checkpoints=1")
+    first = finetune(tiny_config(tmp_path / "run", *settings, "run.stop_at=2"), log=lambda *_: None)
+    assert first["final_step"] == 2 and "exported_step" not in first
+    summary = finetune(tiny_config(tmp_path / "run", *settings), resume=True, log=lambda *_: None)
+    assert summary["stopped_by"].startswith("early stopping") and summary["final_step"] == 4
+    assert summary["best_step"] == 1 and summary["exported_step"] == 1
+    assert sorted(int(p.name) for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.isdigit()) == [1, 4]

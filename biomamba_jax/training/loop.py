@@ -417,7 +417,10 @@ class Trainer:
                     stop.signal_name = f"run.stop_at={c.run.stop_at}"
                 if step % c.run.checkpoint_every == 0 or step == total_steps or stop.signal_name \
                         or val_loss is not None and self.task.patience:
-                    save(step, val_loss)
+                    # Only a new best carries its val_loss to the checkpointer: orbax then keeps the
+                    # very step `best_step` names (its own choice among equal losses may differ, and
+                    # the export restores `best_step`).
+                    save(step, val_loss if meta.get("best_step") == step else None)
                 if stop.signal_name:
                     summary["stopped_by"] = stop.signal_name
                     if not stop.signal_name.startswith("early stopping"):
