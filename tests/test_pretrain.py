@@ -3,6 +3,7 @@ multi-process start-up, and the early errors."""
 import importlib.util
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -10,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 
@@ -168,6 +170,53 @@ def test_kill_during_saves_leaves_a_loadable_latest_checkpoint(data_dir, tmp_pat
     resumed = pretrain(run_config(data_dir, out_dir, "run.steps=100000", f"run.stop_at={latest + 1}"),
                        resume=True, log=lambda *_: None)
     assert resumed["start_step"] == latest and resumed["final_step"] == latest + 1
+
+
+def kill_and_resume_until_done(data_dir, out_dir, kills: int, seed: int, *settings) -> list[str]:
+    """Start the run with --resume-or-start and `kill -9` it at random moments (during
+    start-up and compilation, or just after some step is logged, sometimes mid-save) until
+    `kills` kills are done, then let the last start finish. Returns where each kill landed."""
+    def furthest_step() -> int:
+        return max(logged_losses(out_dir), default=0) if (Path(out_dir) / "metrics.jsonl").exists() else 0
+
+    rng, landed = random.Random(seed), []
+    while True:
+        seen = furthest_step()
+        process = _start(data_dir, out_dir, "--resume-or-start", *settings)
+        if len(landed) == kills:
+            _, stderr = process.communicate(timeout=600)
+            assert process.returncode == 0, stderr[-3000:]
+            return landed
+        if rng.random() < 0.3:
+            time.sleep(rng.uniform(0.0, 6.0))
+            moment = "start-up"
+        else:  # a step past the last start's furthest, so every start makes progress
+            while process.poll() is None and furthest_step() <= seen:
+                time.sleep(0.1)
+            time.sleep(rng.uniform(0.0, 0.5))
+            moment = f"after step {furthest_step()}"
+        if process.poll() is not None:  # finished before the kill: the trial still counts as a resume
+            assert process.returncode == 0, process.communicate()[1][-3000:]
+            return landed
+        process.kill()
+        process.wait()
+        landed.append(moment)
+
+
+@pytest.mark.slow  # about two minutes: several start-ups of scripts/pretrain.py
+def test_random_kill_9s_then_resumes_reproduce_the_uninterrupted_run(data_dir, tmp_path):
+    settings = ("run.steps=16", "run.checkpoint_every=2")
+    pretrain(run_config(data_dir, tmp_path / "straight", *settings), log=lambda *_: None)
+    landed = kill_and_resume_until_done(data_dir, tmp_path / "killed", 4, 0, *settings)
+    assert len(landed) >= 2, landed
+    killed = logged_losses(tmp_path / "killed")
+    assert sorted(killed) == list(range(1, 17))  # every step logged once, none twice
+    assert killed == logged_losses(tmp_path / "straight")  # bitwise, step by step
+    from biomamba_jax.checkpoints.runs import restore_params
+
+    ours, theirs = restore_params(tmp_path / "killed", 16)[0], restore_params(tmp_path / "straight", 16)[0]
+    for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs)):
+        np.testing.assert_array_equal(a, b)  # bitwise: the resumed run is the same run
 
 
 def test_early_errors_name_the_problem(tmp_path, capsys):

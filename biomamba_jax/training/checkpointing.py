@@ -38,7 +38,11 @@ class _OrbaxSaveErrorsFilter(logging.Filter):
     `Checkpointer` turns that re-raised error into one line, so the log copies are dropped."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not (record.levelno >= logging.ERROR and "orbax" in record.pathname)
+        if "orbax" not in record.pathname:
+            return True
+        # Only a new best checkpoint carries a val_loss (see `Checkpointer.save`); orbax warns at
+        # every other save that it got none, which is by design here.
+        return record.levelno < logging.ERROR and "did not provide metrics" not in record.getMessage()
 
 
 logging.getLogger("absl").addFilter(_OrbaxSaveErrorsFilter())
@@ -77,7 +81,9 @@ class Checkpointer:
 
     def save(self, step: int, state, data_state: dict, meta: dict,
              val_loss: Optional[float] = None) -> None:
-        """Start saving `step` (async); the previous save is finished first."""
+        """Start saving `step` (async); the previous save is finished first. Give `val_loss`
+        only for a new best: retention keeps the lowest of the losses given, and among equal
+        losses orbax's pick may not be the step the caller calls its best."""
         metrics = None if val_loss is None else {"val_loss": float(val_loss)}
         with self._write_errors():
             self._save(step, state, data_state, meta, metrics)
