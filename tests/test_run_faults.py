@@ -25,6 +25,39 @@ def test_best_checkpoint_survives_a_resume(tmp_path):
     assert steps_on_disk(tmp_path) == [30, 39, 42]
 
 
+def test_a_failed_background_save_is_seen_by_the_next_check_in_one_line(tmp_path, monkeypatch):
+    """What the loop does each step: `raise_if_failed` after an async save whose write failed
+    raises one line naming the folder, the cause and the fix; the last good checkpoint stays
+    and no temporary folder is left. (test_a_failed_checkpoint_write_stops_the_run_at_once
+    does the same through a whole run.)"""
+    import time
+
+    from orbax.checkpoint._src.serialization import type_handlers
+
+    from biomamba_jax.training.checkpointing import CheckpointWriteError
+
+    state = {"x": np.ones(3, np.float32)}
+    checkpointer = Checkpointer(tmp_path, keep=3)
+    checkpointer.save(1, state, {}, {})
+    checkpointer.wait()
+
+    async def disk_full(self, *args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(type_handlers.NumpyHandler, "_open_and_write", disk_full)
+    with pytest.raises(CheckpointWriteError) as caught:
+        checkpointer.save(2, state, {}, {})
+        deadline = time.time() + 60
+        while time.time() < deadline:  # the loop's per-step check, until the save has ended
+            checkpointer.raise_if_failed()
+            time.sleep(0.05)
+    message = str(caught.value)
+    assert "\n" not in message and str(tmp_path) in message
+    assert "no space left on device" in message and "--resume (last complete checkpoint: step 1)" in message
+    assert steps_on_disk(tmp_path) == [1] and not [p for p in tmp_path.iterdir() if "tmp" in p.name]
+    checkpointer.close(raise_errors=False)
+
+
 def test_every_numeric_setting_is_checked_when_the_config_loads():
     from biomamba_jax.training.config import RunConfigError, list_presets, load_run_config
 
@@ -95,6 +128,11 @@ def test_resume_drops_records_logged_after_the_checkpoint_and_writes_strict_json
     pretrain(config_for(data_dir, out, "run.steps=8", "run.log_every=1"), resume=True, **QUIET)
     steps = [r["step"] for r in records(out) if "loss" in r]
     assert steps == list(range(1, 9))  # each step once
+    # TensorBoard is told the same: the resumed writer's file starts with a purge of step 5 on,
+    # which makes TensorBoard drop what the earlier files hold from there.
+    resumed_events = tensorboard_events(max((out / "tensorboard").glob("events.out.tfevents.*"),
+                                            key=lambda path: path.stat().st_mtime))
+    assert [(e.step, e.session_log.status) for e in resumed_events if e.HasField("session_log")] == [(5, 1)]
     json.loads("[" + ",".join((out / "metrics.jsonl").read_text().splitlines()) + "]",
                parse_constant=lambda name: pytest.fail(f"{name} in metrics.jsonl"))
 
@@ -105,6 +143,20 @@ def test_resume_drops_records_logged_after_the_checkpoint_and_writes_strict_json
     log.write(1, {"loss": float("nan"), "grad_norm": float("inf")})
     log.close()
     assert records(tmp_path / "nan") == [{"step": 1, "loss": None, "grad_norm": None}]
+
+
+def tensorboard_events(path: Path) -> list:
+    """The events of one TensorBoard file (TFRecord framing: length, its CRC, data, CRC)."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    data, events, at = path.read_bytes(), [], 0
+    while at < len(data):
+        (length,) = struct.unpack("<Q", data[at:at + 8])
+        events.append(event_pb2.Event.FromString(data[at + 12:at + 12 + length]))
+        at += 12 + length + 4
+    return events
 
 
 def test_resume_needs_a_checkpoint_unless_asked_to_start(data_dir, tmp_path):

@@ -107,6 +107,11 @@ class Checkpointer:
         disk then stops the run at the next step, not at the next save."""
         with self._write_errors():
             self.manager.check_for_errors()
+            # A failed write ends orbax's finalize thread, which keeps the error for
+            # `wait_until_finished` (check_for_errors alone never sees it); once that thread
+            # is done, waiting costs nothing and re-raises it.
+            if not self.manager.is_saving_in_progress():
+                self.manager.wait_until_finished()
 
     @contextlib.contextmanager
     def _write_errors(self):
