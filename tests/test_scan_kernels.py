@@ -172,7 +172,7 @@ def test_tiling_overrides_fix_the_outcome_and_are_checked():
             _tiling(1, 8, 4, PallasOptions(), bad)
 
 
-@pytest.mark.parametrize("batch,length", [(1, 70), (2, 67)])
+@pytest.mark.parametrize("batch,length", [(1, 70), pytest.param(2, 67, marks=pytest.mark.slow)])
 def test_pallas_segmented_values_and_grads(batch, length):
     """Segments: zero-state pass (a sum over each segment's steps), XLA composition, second
     pass; the adjoint likewise."""
@@ -180,7 +180,9 @@ def test_pallas_segmented_values_and_grads(batch, length):
                              inputs(length, batch, length, 12, 4))
 
 
-@pytest.mark.parametrize("length,segments,tile,used", [(96, 8, 1, 1), (96, 8, 2, 2), (96, 8, 16, 4), (256, 2, 32, 32)])
+@pytest.mark.parametrize("length,segments,tile,used", [
+    pytest.param(96, 8, 1, 1, marks=pytest.mark.slow), pytest.param(96, 8, 2, 2, marks=pytest.mark.slow),
+    (96, 8, 16, 4), (256, 2, 32, 32)])
 def test_segment_sums_match_the_recurrence_for_any_tile(length, segments, tile, used):
     """The sum kernels' tiles: one step, two, one clamped to the largest power of two that
     divides a 12-step segment, and the default 32 steps, with deltas large enough that
@@ -196,7 +198,8 @@ def test_segment_sums_match_the_recurrence_for_any_tile(length, segments, tile, 
     assert _sum_tile(plan, tile) == used
 
 
-@pytest.mark.parametrize("segments,bwd_segments", [(8, 1), (1, 4), (2, 8)])
+@pytest.mark.parametrize("segments,bwd_segments", [
+    pytest.param(8, 1, marks=pytest.mark.slow), pytest.param(1, 4, marks=pytest.mark.slow), (2, 8)])
 def test_pallas_forward_and_backward_segment_independently(segments, bwd_segments):
     """The forward saves the state at every chunk start, so the backward may split the
     sequence differently (fewer programs per pass, no adjoint pass when it does not split)."""
@@ -210,9 +213,10 @@ def test_pallas_forward_and_backward_segment_independently(segments, bwd_segment
 
 @pytest.mark.parametrize(
     "dtype,tolerance,fusion",
-    [(jnp.float32, 1e-5, "fuse=false"), (jnp.bfloat16, 2e-2, "fuse=false"),
-     (jnp.float32, 1e-5, "fuse=true"), (jnp.bfloat16, 2e-2, "fuse=true"),
-     (jnp.float32, 1e-5, "fuse=delta"), (jnp.bfloat16, 2e-2, "fuse=delta")],
+    # Each fusion in one dtype by default; the other dtype under the slow marker.
+    [(jnp.float32, 1e-5, "fuse=false"), pytest.param(jnp.bfloat16, 2e-2, "fuse=false", marks=pytest.mark.slow),
+     pytest.param(jnp.float32, 1e-5, "fuse=true", marks=pytest.mark.slow), (jnp.bfloat16, 2e-2, "fuse=true"),
+     (jnp.float32, 1e-5, "fuse=delta"), pytest.param(jnp.bfloat16, 2e-2, "fuse=delta", marks=pytest.mark.slow)],
 )
 def test_segmented_selective_scan_with_mask_matches_reference(dtype, tolerance, fusion, pallas_tiling):
     """selective_scan through the kernels with segments and a mask, in fp32 and bf16: XLA
@@ -250,7 +254,8 @@ def test_segmented_selective_scan_with_mask_matches_reference(dtype, tolerance, 
         assert rel_err(g, g_ref) < tolerance, name
 
 
-@pytest.mark.parametrize("impl", ["pallas:fuse=false", "pallas:fuse=true", "pallas:fuse=delta", "chunked:chunk=4"])
+@pytest.mark.parametrize("impl", [pytest.param("pallas:fuse=false", marks=pytest.mark.slow), "pallas:fuse=true",
+                                  "pallas:fuse=delta", "chunked:chunk=4"])
 def test_bias_without_softplus_leaves_padded_and_masked_steps_alone(impl, pallas_tiling):
     """A dt bias without the softplus: padded steps (13 is not a multiple of the chunk) and
     masked steps must leave the state alone, as in the reference, in values and gradients."""
@@ -368,7 +373,7 @@ def test_backward_partials_take_the_dtype_of_b_and_c():
         assert g.dtype == jnp.bfloat16 and rel_err(g, ref) < 1e-2
 
 
-@pytest.mark.parametrize("impl", ["pallas", "pallas:fuse=true"])
+@pytest.mark.parametrize("impl", ["pallas", pytest.param("pallas:fuse=true", marks=pytest.mark.slow)])
 def test_remat_scan_keeps_the_scan_residuals_and_the_gradients(impl, capsys):
     """remat="scan" saves the kernel's output and chunk states (so the backward pass need
     not rerun the forward kernel) and gives the same gradients as remat="full"."""
@@ -395,7 +400,7 @@ def test_remat_scan_keeps_the_scan_residuals_and_the_gradients(impl, capsys):
         assert rel_err(kept, full) < 1e-6
 
 
-@pytest.mark.parametrize("segments", [1, 2, 5, 64])
+@pytest.mark.parametrize("segments", [pytest.param(1, marks=pytest.mark.slow), 2, 5, pytest.param(64, marks=pytest.mark.slow)])
 @pytest.mark.parametrize("reverse", [False, True])
 def test_segment_recurrence_is_the_step_by_step_composition(segments, reverse):
     """The associative scan that composes segment results (forward states, backward
@@ -454,6 +459,7 @@ def test_gpu_kernels_take_the_approximate_exp_unless_told_not_to(options, approx
         assert text.count("lg2.approx") == (4 if approx and fuse != "false" else 0)
 
 
+@pytest.mark.slow  # a spy on the kernels' inputs through a whole interpreted forward and backward
 def test_forward_kernels_read_b_and_c_in_fp32_and_the_backward_in_their_dtype(monkeypatch):
     """XLA converts B and C to fp32 for the forward's kernels (segment sums and pass 2);
     the backward reads them, and writes its partials, in their own dtype. bf16 -> fp32 is
@@ -495,6 +501,7 @@ def _reductions(jaxpr):
     return shapes
 
 
+@pytest.mark.slow  # a spy on the kernels' inputs through a whole interpreted forward and backward
 def test_segment_decays_come_from_the_pass_one_kernels_not_a_second_read_of_delta():
     """The segment sum kernels write each segment's delta total; XLA used to sum the fp32
     (B, L, E) delta once more for the segment decays, forward and backward."""
