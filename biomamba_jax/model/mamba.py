@@ -274,14 +274,23 @@ class MambaLM(nnx.Module):
         return hidden, (jax.tree.map(lambda *xs: jnp.stack(xs), *caches) if return_cache else None)
 
     # ------------------------------------------------------------------ public
-    def __call__(self, input_ids, attention_mask=None):
+    def __call__(self, input_ids, attention_mask=None, *, lm_head: bool = True):
         """input_ids (B, L) int -> logits (B, L, V) in the compute dtype.
 
         `attention_mask` (B, L): 0 marks padding, which leaves the state untouched.
+        `lm_head=False` returns the final-normed hidden states (B, L, D) in fp32 instead, for
+        a loss that applies `output_matrix()` itself without materialising the logits.
         """
         hidden = self.embedding(input_ids)
         hidden, _ = self._run_layers(hidden, attention_mask, return_cache=False)
-        return self._logits(hidden)
+        return self._logits(hidden) if lm_head else self.norm_f(hidden)
+
+    def output_matrix(self) -> jax.Array:
+        """The LM head as a (V, D) fp32 matrix: the tied embedding or the untied head's kernel
+        transposed. The logits are the final-normed hidden states times its transpose."""
+        if self.config.tie_embeddings:
+            return self.embedding.embedding[...]
+        return self.lm_head.kernel[...].T
 
     def prefill(self, input_ids, attention_mask=None):
         """Parallel forward over a (left-padded) prompt; returns (logits, MambaCache)."""
