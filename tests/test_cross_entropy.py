@@ -40,8 +40,8 @@ def _value_and_grads(loss, *args):
     return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(*args)
 
 
-@pytest.mark.parametrize("chunk_tokens", [1, 8, 37, 64])  # ragged last chunk, exact, one chunk, more than T
-@pytest.mark.parametrize("fractional", [False, True])
+# 37 tokens: a ragged last chunk, one whole chunk, a chunk longer than the tokens.
+@pytest.mark.parametrize("chunk_tokens, fractional", [(8, False), (8, True), (37, False), (64, False)])
 def test_chunked_loss_and_gradients_equal_the_full_loss_in_fp32(chunk_tokens, fractional):
     hidden, head, targets, weights = _problem(fractional=fractional)
     chunked = lambda h, w: lm_head_cross_entropy(h, w, targets, weights, impl="chunked", chunk_tokens=chunk_tokens)
@@ -131,14 +131,14 @@ def test_tokamax_kernel_equals_the_chunked_loss():
     hidden, head, targets, weights = _problem(tokens=2048, d_model=256, vocab=4096)
     results = {}
     for impl in ("tokamax", "chunked"):
-        loss = lambda h, w: lm_head_cross_entropy(h, w, targets, weights, impl=impl, dtype=jnp.bfloat16)
+        loss = lambda h, w, impl=impl: lm_head_cross_entropy(h, w, targets, weights, impl=impl, dtype=jnp.bfloat16)
         results[impl] = jax.tree.leaves(_value_and_grads(loss, hidden, head))
     for got, want in zip(results["tokamax"], results["chunked"]):
         assert rel_err(got, want) < 1e-2
 
 
 def test_auto_resolves_to_chunked_without_tokamax(monkeypatch):
-    import biomamba_jax.training.cross_entropy as cross_entropy
+    from biomamba_jax.training import cross_entropy
 
     assert resolve_loss_impl("full") == "full" and resolve_loss_impl("chunked") == "chunked"
     assert resolve_loss_impl("auto", "cpu") == "chunked"  # tokamax has no CPU kernel
@@ -147,7 +147,7 @@ def test_auto_resolves_to_chunked_without_tokamax(monkeypatch):
 
 
 def test_bad_arguments_are_named():
-    hidden, head, targets, weights = _problem()
+    hidden, head, targets, _ = _problem()
     with pytest.raises(ValueError, match="targets"):
         lm_head_cross_entropy(hidden, head, targets[:-1])
     with pytest.raises(ValueError, match="impl='fused'"):
@@ -169,7 +169,23 @@ def test_config_checks_the_loss_settings():
 
 
 @pytest.mark.parametrize("tie_embeddings", [True, False])
-def test_train_and_eval_steps_give_the_same_loss_and_gradients_chunked_or_full(tie_embeddings):
+def test_the_model_hands_the_loss_its_hidden_states_and_output_matrix(tie_embeddings):
+    """The logits are `model(ids, lm_head=False)` times `output_matrix()`, tied or not."""
+    from flax import nnx
+
+    from biomamba_jax.model.config import MambaConfig
+    from biomamba_jax.model.mamba import MambaLM
+
+    config = MambaConfig(d_model=32, n_layer=1, d_state=4, vocab_size=64, dtype="float32", scan_impl="reference",
+                         remat="none", tie_embeddings=tie_embeddings)
+    model = MambaLM(config, rngs=nnx.Rngs(0))
+    ids = jnp.asarray(np.random.RandomState(0).randint(0, 64, (2, 7)))
+    hidden = model(ids, lm_head=False)
+    assert hidden.shape == (2, 7, 32) and model.output_matrix().shape == (64, 32)
+    assert rel_err(hidden @ model.output_matrix().T, model(ids)) < 1e-6
+
+
+def test_train_and_eval_steps_give_the_same_loss_and_gradients_chunked_or_full():
     """Padding on the left (attention mask) and a loss mask; 2 x 11 targets in chunks of 4."""
     from flax import nnx
 
@@ -179,7 +195,7 @@ def test_train_and_eval_steps_give_the_same_loss_and_gradients_chunked_or_full(t
     from biomamba_jax.training.step import make_eval_step, make_gradient_fn
 
     config = MambaConfig(d_model=32, n_layer=1, d_state=4, vocab_size=64, dtype="float32", scan_impl="reference",
-                         remat="none", tie_embeddings=tie_embeddings, loss_chunk_tokens=4)
+                         remat="none", loss_chunk_tokens=4)
     params = model_params(MambaLM(config, rngs=nnx.Rngs(0)))
     rng = np.random.RandomState(0)
     attention = np.ones((2, 11), np.float32)
@@ -190,12 +206,10 @@ def test_train_and_eval_steps_give_the_same_loss_and_gradients_chunked_or_full(t
     for loss_impl in ("full", "chunked"):
         graphdef = nnx.graphdef(MambaLM(config.replace(loss_impl=loss_impl), rngs=nnx.Rngs(0)))
         results[loss_impl] = jax.jit(make_gradient_fn(graphdef))(params, jax.tree.map(lambda x: x[None], batch))
-        if tie_embeddings:  # the eval step runs the same loss function, without gradients
-            results[loss_impl, "eval"] = jax.jit(make_eval_step(graphdef))(params, batch)
+        results[loss_impl, "eval"] = jax.jit(make_eval_step(graphdef))(params, batch)
     (full_sum, full_count, full_grads), (loss_sum, count, grads) = results["full"], results["chunked"]
     assert count == full_count == np.sum(batch["loss_mask"]) and rel_err(loss_sum, full_sum) < 1e-5
     for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(full_grads)):
         assert rel_err(got, want) < 1e-4
-    if tie_embeddings:
-        (eval_sum, eval_count), (full_eval_sum, _) = results["chunked", "eval"], results["full", "eval"]
-        assert eval_count == count and rel_err(eval_sum, loss_sum) < 1e-6 and rel_err(eval_sum, full_eval_sum) < 1e-5
+    (eval_sum, eval_count), (full_eval_sum, _) = results["chunked", "eval"], results["full", "eval"]
+    assert eval_count == count and rel_err(eval_sum, loss_sum) < 1e-6 and rel_err(eval_sum, full_eval_sum) < 1e-5

@@ -24,13 +24,12 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Optional
 
 import jax
 import jax.numpy as jnp
 
-__all__ = ["lm_head_cross_entropy", "chunked_cross_entropy", "tokamax_cross_entropy", "resolve_loss_impl",
-           "tokamax_available", "TOKAMAX_KERNELS"]
+__all__ = ["TOKAMAX_KERNELS", "chunked_cross_entropy", "lm_head_cross_entropy", "resolve_loss_impl",
+           "tokamax_available", "tokamax_cross_entropy"]
 
 f32 = jnp.float32
 
@@ -38,7 +37,7 @@ f32 = jnp.float32
 TOKAMAX_KERNELS = {"gpu": "triton", "tpu": "mosaic_tpu"}
 
 
-def tokamax_available(platform: Optional[str] = None) -> bool:
+def tokamax_available(platform: str | None = None) -> bool:
     """Whether `tokamax` imports here and has its kernel for `platform` (default: JAX's
     default backend). Released tokamax 0.0.12 has only the TPU one; the GPU ("triton") one
     is newer, and needs a newer jax than this project does. Its table of implementations
@@ -48,12 +47,12 @@ def tokamax_available(platform: Optional[str] = None) -> bool:
         return False
     try:
         from tokamax._src.ops.linear_softmax_cross_entropy_loss import api
-    except Exception:  # an ImportError, or whatever a tokamax built for another jax raises
+    except (ImportError, AttributeError):  # not installed, or built for another jax
         return False
     return kernel in getattr(api, "IMPLEMENTATIONS", {})
 
 
-def resolve_loss_impl(loss_impl: str, platform: Optional[str] = None) -> str:
+def resolve_loss_impl(loss_impl: str, platform: str | None = None) -> str:
     """The loss a `MambaConfig.loss_impl` runs on `platform` (default: JAX's default backend):
     "auto" is tokamax where it imports with a kernel for the platform, else "chunked"."""
     if loss_impl != "auto":
@@ -182,7 +181,7 @@ _chunked.defvjp(_chunked_fwd, _chunked_bwd)
 
 
 # --------------------------------------------------------------------- tokamax
-def tokamax_cross_entropy(hidden, head, targets, weights, *, dtype, kernel: Optional[str] = None,
+def tokamax_cross_entropy(hidden, head, targets, weights, *, dtype, kernel: str | None = None,
                           loss_fn=None):
     """The loss through `tokamax.linear_softmax_cross_entropy_loss(x, labels, w)`, which
     returns the plain sum over all tokens and takes no per-token weights.
