@@ -7,9 +7,10 @@ in fp32, the largest buffers of a training step, and the plain loss holds severa
 (V, D) output matrix, in one of two ways (`MambaConfig.loss_impl`):
 
 - ``chunked``: plain JAX. A `lax.scan` over chunks of tokens computes each chunk's logits
-  in fp32, keeps only its logsumexp and the per-token loss, and a custom VJP recomputes each
-  chunk's logits in the backward pass, writing that chunk's d(hidden) and adding its share
-  of d(output matrix) to an fp32 accumulator. Peak memory is O(chunk x vocab).
+  in fp32 and keeps only the per-token loss; under differentiation (a custom VJP) the same
+  pass also writes that chunk's d(hidden) and adds its share of d(output matrix) to an fp32
+  accumulator, while the chunk's logits exist (see `_chunked`). Peak memory is
+  O(chunk x vocab) besides the (V, D) accumulator.
 - ``tokamax``: Google's Pallas kernel library (`tokamax.linear_softmax_cross_entropy_loss`),
   an optional import: only its device kernels ("triton" on GPUs, "mosaic_tpu" on TPUs)
   are asked for, never its "xla" implementation, which materialises the logits.
@@ -93,7 +94,9 @@ def lm_head_cross_entropy(hidden, head, targets, weights=None, *, impl: str = "c
 # --------------------------------------------------------------------- chunked
 def chunked_cross_entropy(hidden, head, targets, weights, *, dtype, chunk_tokens: int):
     """The chunked loss (see the module docstring); arguments as `lm_head_cross_entropy`'s."""
-    return _chunked(jnp.dtype(dtype), chunk_tokens, hidden, head, targets, weights)
+    # fp32 in and out of the custom VJP: inputs in another dtype get their gradient cast back
+    # to it by the casts' own VJP. (The model hands over fp32 hidden states and head.)
+    return _chunked(jnp.dtype(dtype), chunk_tokens, hidden.astype(f32), head.astype(f32), targets, weights)
 
 
 def _chunks(x, chunk_tokens: int):
@@ -116,65 +119,64 @@ def _is_target(logits, targets):
     return jax.lax.broadcasted_iota(jnp.int32, logits.shape, 1) == targets[:, None]
 
 
-def _chunked_forward(dtype, chunk_tokens, hidden, head, targets):
-    """Per-token logsumexp and loss, (T,) fp32 each."""
+def _chunk_loop(dtype, chunk_tokens, hidden, head, targets, weights, *, with_grads: bool):
+    """Each token's loss (T,) fp32 and, `with_grads`, the gradients of the weighted loss sum
+    in hidden (T, D) and head (V, D), both fp32: one `lax.scan` over chunks of tokens."""
     tokens = hidden.shape[0]
-    head = head.astype(dtype)
+    head_c = head.astype(dtype)
 
-    def one_chunk(_, chunk):
-        hidden_chunk, target_chunk = chunk
-        logits = _chunk_logits(hidden_chunk.astype(dtype), head)
+    def one_chunk(head_grad, chunk):
+        hidden_chunk, target_chunk, weight_chunk = chunk
+        hidden_chunk = hidden_chunk.astype(dtype)
+        logits = _chunk_logits(hidden_chunk, head_c)
         lse = jax.nn.logsumexp(logits, axis=-1)
-        target_logit = jnp.sum(jnp.where(_is_target(logits, target_chunk), logits, 0.0), axis=-1)
-        return None, (lse, lse - target_logit)
+        is_target = _is_target(logits, target_chunk)
+        losses = lse - jnp.sum(jnp.where(is_target, logits, 0.0), axis=-1)
+        if not with_grads:
+            return head_grad, (losses, None)
+        # d loss / d logit_ij = w_i (softmax_ij - [j == target_i]). The two gradient matmuls
+        # read it in the compute dtype, as the plain loss's backward does, and accumulate in
+        # fp32 (the head's across chunks too).
+        softmax = jnp.exp(logits - lse[:, None])
+        logits_grad = (weight_chunk[:, None] * (softmax - is_target.astype(f32))).astype(dtype)
+        hidden_grad = jax.lax.dot_general(logits_grad, head_c, (((1,), (0,)), ((), ())), preferred_element_type=f32)
+        head_grad = head_grad + jax.lax.dot_general(logits_grad, hidden_chunk, (((0,), (0,)), ((), ())),
+                                                    preferred_element_type=f32)
+        return head_grad, (losses, hidden_grad)
 
-    _, (lse, losses) = jax.lax.scan(one_chunk, None, (_chunks(hidden, chunk_tokens), _chunks(targets, chunk_tokens)))
-    return lse.reshape(-1)[:tokens], losses.reshape(-1)[:tokens]
+    head_grad = jnp.zeros(head.shape, f32) if with_grads else None
+    chunks = tuple(_chunks(x, chunk_tokens) for x in (hidden, targets, weights))
+    head_grad, (losses, hidden_grad) = jax.lax.scan(one_chunk, head_grad, chunks)
+    losses = losses.reshape(-1)[:tokens]
+    if not with_grads:
+        return losses, None, None
+    return losses, hidden_grad.reshape(-1, hidden.shape[1])[:tokens], head_grad
 
 
+# The loss is a scalar, so its gradient is the gradient of the sum scaled by the incoming
+# cotangent. The forward pass under differentiation therefore computes the gradients while
+# each chunk's logits exist, and the backward pass only scales them: the LM head's matmuls
+# run three times in all (logits, d(hidden), d(head)), as in the plain loss, where a
+# backward that recomputed the logits would run four, with the same peak memory (an fp32
+# (V, D) accumulator and one chunk's logits). Without differentiation (evaluation) only
+# the losses are computed.
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
 def _chunked(dtype, chunk_tokens, hidden, head, targets, weights):
-    _, losses = _chunked_forward(dtype, chunk_tokens, hidden, head, targets)
+    losses, _, _ = _chunk_loop(dtype, chunk_tokens, hidden, head, targets, weights, with_grads=False)
     return jnp.sum(losses * weights)
 
 
 def _chunked_fwd(dtype, chunk_tokens, hidden, head, targets, weights):
-    lse, losses = _chunked_forward(dtype, chunk_tokens, hidden, head, targets)
-    # The backward recomputes the logits from these: O(T) fp32 besides the inputs.
-    return jnp.sum(losses * weights), (hidden, head, targets, weights, lse, losses)
+    losses, hidden_grad, head_grad = _chunk_loop(dtype, chunk_tokens, hidden, head, targets, weights,
+                                                 with_grads=True)
+    return jnp.sum(losses * weights), (losses, hidden_grad, head_grad)
 
 
 def _chunked_bwd(dtype, chunk_tokens, residuals, loss_cotangent):
-    hidden, head, targets, weights, lse, losses = residuals
-    tokens = hidden.shape[0]
-    head_c = head.astype(dtype)
-    # d loss / d logit_ij = w_i g (softmax_ij - [j == target_i]).
-    row_scale = weights * loss_cotangent.astype(f32)
-    padded = lambda x: _chunks(x, chunk_tokens)
-
-    def one_chunk(head_grad, chunk):
-        hidden_chunk, target_chunk, lse_chunk, scale_chunk = chunk
-        hidden_chunk = hidden_chunk.astype(dtype)
-        logits = _chunk_logits(hidden_chunk, head_c)
-        softmax = jnp.exp(logits - lse_chunk[:, None])
-        logits_grad = scale_chunk[:, None] * (softmax - _is_target(logits, target_chunk).astype(f32))
-        # The two gradient matmuls read d(logits) in the compute dtype, as the plain loss's
-        # backward does, and accumulate in fp32 (the output matrix's across chunks too).
-        logits_grad = logits_grad.astype(dtype)
-        hidden_grad = jax.lax.dot_general(logits_grad, head_c, (((1,), (0,)), ((), ())),
-                                          preferred_element_type=f32)
-        head_grad = head_grad + jax.lax.dot_general(logits_grad, hidden_chunk, (((0,), (0,)), ((), ())),
-                                                    preferred_element_type=f32)
-        return head_grad, hidden_grad.astype(hidden.dtype)
-
-    head_grad, hidden_grad = jax.lax.scan(
-        one_chunk, jnp.zeros(head.shape, f32),
-        (padded(hidden), padded(targets), padded(lse), padded(row_scale)),
-    )
-    hidden_grad = hidden_grad.reshape(-1, hidden.shape[1])[:tokens]
+    losses, hidden_grad, head_grad = residuals
+    scale = loss_cotangent.astype(f32)
     # The loss is linear in the weights: their gradient is each token's loss.
-    weights_grad = losses * loss_cotangent.astype(f32)
-    return hidden_grad, head_grad.astype(head.dtype), None, weights_grad
+    return hidden_grad * scale, head_grad * scale, None, losses * scale
 
 
 _chunked.defvjp(_chunked_fwd, _chunked_bwd)
