@@ -57,6 +57,16 @@ def test_chunked_loss_and_gradients_equal_the_full_loss_in_fp32(chunk_tokens, fr
     assert rel_err(d_weights, ref_weights) < 1e-5
 
 
+def test_chunked_gradients_follow_the_loss_cotangent():
+    """The forward pass computes the gradients of the loss sum; the backward scales them."""
+    hidden, head, targets, weights = _problem(tokens=9, vocab=13)
+    chunked = lambda h, w, m: -2.5 * lm_head_cross_entropy(h, w, targets, m, chunk_tokens=4)
+    full = lambda h, w, m: -2.5 * _full_loss(h, w, targets, m)
+    for got, want in zip(jax.tree.leaves(_value_and_grads(chunked, hidden, head, weights)),
+                         jax.tree.leaves(_value_and_grads(full, hidden, head, weights))):
+        assert rel_err(got, want) < 1e-5
+
+
 def test_chunked_loss_in_bf16_accumulates_in_fp32():
     """Matmuls read bf16 and accumulate in fp32: the value is the exact loss of the
     bf16-rounded inputs to fp32 rounding; the gradients' matmuls read d(logits) in bf16 as
