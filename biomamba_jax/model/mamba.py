@@ -64,13 +64,15 @@ _REMAT_POLICIES = {
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
     # Recompute the layer but keep the scan's output and chunk-start states, so the
     # backward pass does not rerun the scan kernel (impls that name those residuals).
-    # Why these and only these: the forward scan kernel is the one piece of a layer that
-    # costs as much to rerun as to run (a pass over B x L x E x N state updates), while
-    # what it leaves for its backward is small: y (B, L, E) in the compute dtype and one
-    # fp32 (E, N) state per chunk of steps. Everything else the backward needs is the
-    # layer input's norm, projections, conv, softplus and gate, elementwise work or
-    # matmuls that are cheaper to redo than to keep: saving the matmul outputs as well
-    # ("dots") measured no faster than recomputing them (benchmarks/HISTORY.md).
+    # Why these and only these: the forward scan kernel is the piece of a layer that costs
+    # as much to rerun as to run (a pass over B x L x E x N state updates) and its outputs
+    # are exactly what its backward kernel reads: y (B, L, E) in the compute dtype and one
+    # fp32 (E, N) state per chunk of steps. Everything else the backward needs comes from
+    # the layer input through the norm, projections, conv, softplus and gate: elementwise
+    # work, or matmuls that are cheaper to redo than to keep (saving their outputs too,
+    # "dots", measured no faster than "full": benchmarks/HISTORY.md). The price is memory:
+    # with the Pallas chunk of 8 steps and N = 16 the states are 4x y's bf16 bytes, so a
+    # layer keeps about 5 (B, L, E) bf16 activations where "full" keeps its fp32 input.
     "scan": jax.checkpoint_policies.save_only_these_names(*SCAN_RESIDUAL_NAMES),
 }
 
