@@ -72,7 +72,7 @@ _REMAT_POLICIES = {
     # work, or matmuls that are cheaper to redo than to keep (saving their outputs too,
     # "dots", measured no faster than "full": benchmarks/HISTORY.md). The price is memory:
     # with the Pallas chunk of 8 steps and N = 16 the states are 4x y's bf16 bytes, so a
-    # layer keeps about 5 (B, L, E) bf16 activations where "full" keeps its fp32 input.
+    # layer keeps 5 (B, L, E) bf16 arrays' worth beyond the fp32 input "full" keeps alone.
     "scan": jax.checkpoint_policies.save_only_these_names(*SCAN_RESIDUAL_NAMES),
 }
 
