@@ -26,6 +26,7 @@ from biomamba_jax.model.generate import generate
 from biomamba_jax.model.mamba import MambaLM
 from biomamba_jax.model.scan import resolve_scan_impl, selective_scan
 from biomamba_jax.training.config import RunConfig
+from biomamba_jax.training.cross_entropy import resolve_loss_impl
 from biomamba_jax.training.profiling import profile_ops
 from biomamba_jax.training.step import TrainState, compiled_memory, make_optimizer, make_train_step
 
@@ -77,13 +78,15 @@ def model_for(config: RunConfig, size: Optional[str] = None) -> MambaConfig:
     """The model a run config trains (`model.preset` unless `size` names another), random init."""
     overrides = {} if config.model.vocab_size is None else {"vocab_size": config.model.vocab_size}
     return MambaConfig.preset(size or config.model.preset, dtype=config.model.dtype, scan_impl=config.model.scan_impl,
-                              remat=config.model.remat, scan_layers=config.model.scan_layers, **overrides)
+                              remat=config.model.remat, scan_layers=config.model.scan_layers,
+                              loss_impl=config.model.loss_impl, loss_chunk_tokens=config.model.loss_chunk_tokens,
+                              **overrides)
 
 
 def _describe(model_config: MambaConfig) -> dict:
     return {"d_model": model_config.d_model, "layers": model_config.n_layer, "dtype": model_config.dtype,
             "scan_impl": str(resolve_scan_impl(model_config.scan)), "remat": model_config.remat,
-            "scan_layers": model_config.scan_layers}
+            "scan_layers": model_config.scan_layers, "loss_impl": resolve_loss_impl(model_config.loss_impl)}
 
 
 def time_train(config: RunConfig, model_config: MambaConfig, batch: int, length: int, *, warmup: int = 2,

@@ -77,6 +77,7 @@ def test_cli_smoke_run_writes_every_output(tmp_path, capsys):
     assert (tmp_path / "run" / "config.yaml").exists()
     assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
     assert "== smoke: plan ==" in out and "== done: step 3/3" in out
+    assert "loss chunked (1024 tokens per chunk)" in out  # loss_impl "auto" on a CPU
 
 
 @pytest.mark.slow  # the whole preset in a fresh process; test_cli_smoke_run_writes_every_output is its short form

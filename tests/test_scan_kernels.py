@@ -400,6 +400,31 @@ def test_remat_scan_keeps_the_scan_residuals_and_the_gradients(impl, capsys):
         assert rel_err(kept, full) < 1e-6
 
 
+def test_remat_scan_runs_the_forward_kernel_once_per_training_step():
+    """The point of remat="scan", in the compiled program: a loss and its gradient run the
+    Pallas forward kernel once; under remat="full" the backward pass runs it again (XLA's
+    name for that copy is rematted_computation/forward_kernel)."""
+    import re
+
+    from flax import nnx
+
+    from biomamba_jax.model.config import MambaConfig
+    from biomamba_jax.model.mamba import _REMAT_POLICIES, MambaBlock
+
+    config = MambaConfig(d_model=16, n_layer=1, vocab_size=64, d_state=4, scan_impl="pallas:fuse=false")
+    graphdef, state = nnx.split(MambaBlock(config, rngs=nnx.Rngs(0)))
+    kernels = {}
+    for remat in ("scan", "full"):
+        layer = jax.checkpoint(lambda h, s: nnx.merge(graphdef, s)(h), policy=_REMAT_POLICIES[remat])
+        step = jax.jit(jax.value_and_grad(lambda h, s, layer=layer: layer(h, s).sum(), argnums=(0, 1)))
+        hlo = step.lower(jnp.ones((2, 16, 16)), state).compile().as_text()
+        # Each kernel is one outer `while` in the interpreter's lowering, named after it.
+        names = re.findall(r' while\(.*op_name="([^"]*(forward|backward)_kernel\)?)/while"', hlo)
+        kernels[remat] = [(kernel, "rematted_computation" in name) for name, kernel in names]
+    assert sorted(kernels["scan"]) == [("backward", False), ("forward", False)]
+    assert sorted(kernels["full"]) == [("backward", False), ("forward", False), ("forward", True)]
+
+
 @pytest.mark.parametrize("segments", [pytest.param(1, marks=pytest.mark.slow), 2, 5, pytest.param(64, marks=pytest.mark.slow)])
 @pytest.mark.parametrize("reverse", [False, True])
 def test_segment_recurrence_is_the_step_by_step_composition(segments, reverse):

@@ -1,8 +1,9 @@
 """Mamba-1 model configuration, presets, and readers/writers for both PyTorch config flavours.
 
-One frozen dataclass describes the architecture (what a checkpoint fixes) plus four
-run-time choices that do not change the weights: the compute dtype, the selective-scan
-implementation, the remat policy and whether the layers run under a scan. Their defaults
+One frozen dataclass describes the architecture (what a checkpoint fixes) plus run-time
+choices that do not change the weights: the compute dtype, the selective-scan
+implementation, the remat policy, whether the layers run under a scan, and how the loss
+applies the LM head. Their defaults
 here are the only ones in the project (run configs and benchmarks read them from here),
 and they are the fast ones for training on a GPU; CPU work usually wants float32.
 """
@@ -29,6 +30,7 @@ class ConfigError(ValueError):
 
 
 REMAT_POLICIES = ("none", "full", "dots", "scan")
+LOSS_IMPLS = ("auto", "chunked", "tokamax", "full")
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -66,12 +68,21 @@ class MambaConfig:
     # or written out one by one (no stacking copies of what the backward pass keeps: a
     # faster step, a slower compile).
     scan_layers: bool = False
+    # How the training and eval loss applies the LM head (training/cross_entropy.py).
+    # "chunked" runs over chunks of `loss_chunk_tokens` tokens and never holds the whole
+    # (tokens, vocab) logits (the largest buffers of a step otherwise); "tokamax" is
+    # tokamax's fused kernel (an optional install; loss masks must be 0/1); "full" is the
+    # plain softmax over all logits at once; "auto" is tokamax where it is installed with
+    # a kernel for the device, else chunked. They agree to rounding; in bf16 "full" also
+    # rounds the logits to bf16 before its fp32 softmax, where the others keep them fp32.
+    loss_impl: str = "auto"
+    loss_chunk_tokens: int = 1024
 
     def __post_init__(self):
         if self.dt_rank == "auto":
             object.__setattr__(self, "dt_rank", math.ceil(self.d_model / 16))
         for name in ("d_model", "n_layer", "vocab_size", "d_state", "d_conv", "expand", "dt_rank",
-                     "pad_vocab_size_multiple"):
+                     "pad_vocab_size_multiple", "loss_chunk_tokens"):
             value = getattr(self, name)
             if not _is_int(value) or value <= 0:
                 raise ConfigError(f"MambaConfig.{name} must be a positive integer, got {value!r}")
@@ -92,6 +103,8 @@ class MambaConfig:
             raise ConfigError(f"MambaConfig.scan_layers must be true or false, got {self.scan_layers!r}")
         if self.remat not in REMAT_POLICIES:
             raise ConfigError(f"MambaConfig.remat={self.remat!r}; choose one of {REMAT_POLICIES}")
+        if self.loss_impl not in LOSS_IMPLS:
+            raise ConfigError(f"MambaConfig.loss_impl={self.loss_impl!r}; choose one of {LOSS_IMPLS}")
         try:
             scan = parse_scan_impl(self.scan_impl)
         except ValueError as e:

@@ -64,6 +64,15 @@ _REMAT_POLICIES = {
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
     # Recompute the layer but keep the scan's output and chunk-start states, so the
     # backward pass does not rerun the scan kernel (impls that name those residuals).
+    # Why these and only these: the forward scan kernel is the piece of a layer that costs
+    # as much to rerun as to run (a pass over B x L x E x N state updates) and its outputs
+    # are exactly what its backward kernel reads: y (B, L, E) in the compute dtype and one
+    # fp32 (E, N) state per chunk of steps. Everything else the backward needs comes from
+    # the layer input through the norm, projections, conv, softplus and gate: elementwise
+    # work, or matmuls that are cheaper to redo than to keep (saving their outputs too,
+    # "dots", measured no faster than "full": benchmarks/HISTORY.md). The price is memory:
+    # with the Pallas chunk of 8 steps and N = 16 the states are 4x y's bf16 bytes, so a
+    # layer keeps 5 (B, L, E) bf16 arrays' worth beyond the fp32 input "full" keeps alone.
     "scan": jax.checkpoint_policies.save_only_these_names(*SCAN_RESIDUAL_NAMES),
 }
 
@@ -274,14 +283,23 @@ class MambaLM(nnx.Module):
         return hidden, (jax.tree.map(lambda *xs: jnp.stack(xs), *caches) if return_cache else None)
 
     # ------------------------------------------------------------------ public
-    def __call__(self, input_ids, attention_mask=None):
+    def __call__(self, input_ids, attention_mask=None, *, lm_head: bool = True):
         """input_ids (B, L) int -> logits (B, L, V) in the compute dtype.
 
         `attention_mask` (B, L): 0 marks padding, which leaves the state untouched.
+        `lm_head=False` returns the final-normed hidden states (B, L, D) in fp32 instead, for
+        a loss that applies `output_matrix()` itself without materialising the logits.
         """
         hidden = self.embedding(input_ids)
         hidden, _ = self._run_layers(hidden, attention_mask, return_cache=False)
-        return self._logits(hidden)
+        return self._logits(hidden) if lm_head else self.norm_f(hidden)
+
+    def output_matrix(self) -> jax.Array:
+        """The LM head as a (V, D) fp32 matrix: the tied embedding or the untied head's kernel
+        transposed. The logits are the final-normed hidden states times its transpose."""
+        if self.config.tie_embeddings:
+            return self.embedding.embedding[...]
+        return self.lm_head.kernel[...].T
 
     def prefill(self, input_ids, attention_mask=None):
         """Parallel forward over a (left-padded) prompt; returns (logits, MambaCache)."""

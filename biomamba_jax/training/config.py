@@ -42,6 +42,8 @@ class ModelSection:
     scan_impl: str = _model_default("scan_impl")
     remat: str = _model_default("remat")
     scan_layers: bool = _model_default("scan_layers")
+    loss_impl: str = _model_default("loss_impl")
+    loss_chunk_tokens: int = _model_default("loss_chunk_tokens")
 
 
 @dataclasses.dataclass

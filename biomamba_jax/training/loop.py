@@ -38,6 +38,7 @@ from biomamba_jax.checkpoints.export import export_hf
 from biomamba_jax.files import write_text_atomic
 from biomamba_jax.training.config import RunConfig, RunConfigError, to_yaml
 from biomamba_jax.model.scan import resolve_scan_impl
+from biomamba_jax.training.cross_entropy import resolve_loss_impl
 from biomamba_jax.training.step import (TrainState, compiled_memory, lr_schedule, make_optimizer, model_flops_per_token,
                                         peak_flops_per_device)
 
@@ -93,7 +94,8 @@ class Task(Protocol):
 def _initial_model(config: RunConfig) -> tuple[MambaConfig, dict]:
     """(model config, numpy-or-jax params) from `model.init`: random, a checkpoint or a run."""
     runtime = dict(dtype=config.model.dtype, scan_impl=config.model.scan_impl, remat=config.model.remat,
-                   scan_layers=config.model.scan_layers)
+                   scan_layers=config.model.scan_layers, loss_impl=config.model.loss_impl,
+                   loss_chunk_tokens=config.model.loss_chunk_tokens)
     if config.model.init == "random":
         overrides = {} if config.model.vocab_size is None else {"vocab_size": config.model.vocab_size}
         model_config = MambaConfig.preset(config.model.preset, **overrides, **runtime)
@@ -106,6 +108,12 @@ def _initial_model(config: RunConfig) -> tuple[MambaConfig, dict]:
 
     model_config, params, _ = load_model(config.model.init, **runtime)
     return model_config, params
+
+
+def _describe_loss(model_config: MambaConfig) -> str:
+    """The loss as the plan prints it: "auto" resolved, the chunk size where it applies."""
+    loss = resolve_loss_impl(model_config.loss_impl)
+    return f"{loss} ({model_config.loss_chunk_tokens} tokens per chunk)" if loss == "chunked" else loss
 
 
 def checkpoint_size_bytes(params) -> int:
@@ -242,7 +250,8 @@ class Trainer:
             f"model        {n_params / 1e6:.1f}M params, d_model {self.model_config.d_model}, "
             f"{self.model_config.n_layer} layers, dtype {self.model_config.dtype}, "
             f"scan {resolve_scan_impl(self.model_config.scan)}, remat {self.model_config.remat}, "
-            f"layers {'under one scan' if self.model_config.scan_layers else 'written out'}",
+            f"layers {'under one scan' if self.model_config.scan_layers else 'written out'}, "
+            f"loss {_describe_loss(self.model_config)}",
             f"batch        {p.global_rows} x {p.seq_len} = {p.tokens_per_step:,} tokens/step; "
             f"micro-batch {p.micro_batch}/device x {p.num_devices} devices x {p.micro_steps} accumulation",
             f"steps        {start_step} -> {self.total_steps} "

@@ -28,6 +28,7 @@ import optax
 from flax import nnx
 
 from biomamba_jax.model.config import MambaConfig
+from biomamba_jax.training.cross_entropy import lm_head_cross_entropy, resolve_loss_impl
 
 __all__ = [
     "TrainState",
@@ -117,19 +118,28 @@ def make_optimizer(optim, total_steps: int) -> optax.GradientTransformationExtra
 
 # -------------------------------------------------------------------------- loss
 def token_loss_sums(graphdef, params, batch) -> tuple[jax.Array, jax.Array]:
-    """Sum of next-token cross-entropy over target positions, and how many there are.
+    """Sum of next-token cross-entropy over target positions, and how many there are, with
+    the LM head applied as `MambaConfig.loss_impl` says.
 
     batch: `tokens` (B, L + 1) int32; optional `loss_mask` (B, L) over targets and
     `attention_mask` (B, L) over inputs (0 = padding, which leaves the state untouched).
     """
     model = nnx.merge(graphdef, params)
+    c = model.config
     tokens = batch["tokens"]
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
-    logits = model(inputs, batch.get("attention_mask"))
-    losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
     weights = batch.get("loss_mask")
-    weights = jnp.ones_like(losses) if weights is None else weights.astype(jnp.float32)
-    return jnp.sum(losses * weights), jnp.sum(weights)
+    weights = jnp.ones(targets.shape, jnp.float32) if weights is None else weights.astype(jnp.float32)
+    loss_impl = resolve_loss_impl(c.loss_impl)
+    if loss_impl == "full":
+        logits = model(inputs, batch.get("attention_mask"))
+        losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
+        return jnp.sum(losses * weights), jnp.sum(weights)
+    hidden = model(inputs, batch.get("attention_mask"), lm_head=False)
+    loss_sum = lm_head_cross_entropy(
+        hidden.reshape(-1, hidden.shape[-1]), model.output_matrix(), targets.reshape(-1), weights.reshape(-1),
+        impl=loss_impl, dtype=c.dtype, chunk_tokens=c.loss_chunk_tokens)
+    return loss_sum, jnp.sum(weights)
 
 
 def _accumulate(graphdef, params, batch):
