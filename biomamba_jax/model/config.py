@@ -1,8 +1,9 @@
 """Mamba-1 model configuration, presets, and readers/writers for both PyTorch config flavours.
 
-One frozen dataclass describes the architecture (what a checkpoint fixes) plus four
+One frozen dataclass describes the architecture (what a checkpoint fixes) plus five
 run-time choices that do not change the weights: the compute dtype, the selective-scan
-implementation, the remat policy and whether the layers run under a scan. Their defaults
+implementation, the remat policy, whether the layers run under a scan and whether packed
+documents restart the state. Their defaults
 here are the only ones in the project (run configs and benchmarks read them from here),
 and they are the fast ones for training on a GPU; CPU work usually wants float32.
 """
@@ -66,6 +67,10 @@ class MambaConfig:
     # or written out one by one (no stacking copies of what the backward pass keeps: a
     # faster step, a slower compile).
     scan_layers: bool = False
+    # Given segment ids (rows of packed documents, as in pretraining), run each document as
+    # if alone: the conv window and the SSM state restart at every document's first token.
+    # False carries them across documents, as mamba_ssm's Mamba-1 pretraining did.
+    reset_at_documents: bool = True
 
     def __post_init__(self):
         if self.dt_rank == "auto":
@@ -88,8 +93,9 @@ class MambaConfig:
                 raise ConfigError(f"MambaConfig.{name} must be true or false, got {getattr(self, name)!r}")
         if self.dtype not in COMPUTE_DTYPES:
             raise ConfigError(f"MambaConfig.dtype={self.dtype!r}; choose one of {COMPUTE_DTYPES}")
-        if not isinstance(self.scan_layers, bool):
-            raise ConfigError(f"MambaConfig.scan_layers must be true or false, got {self.scan_layers!r}")
+        for name in ("scan_layers", "reset_at_documents"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"MambaConfig.{name} must be true or false, got {getattr(self, name)!r}")
         if self.remat not in REMAT_POLICIES:
             raise ConfigError(f"MambaConfig.remat={self.remat!r}; choose one of {REMAT_POLICIES}")
         try:

@@ -42,6 +42,7 @@ class ModelSection:
     scan_impl: str = _model_default("scan_impl")
     remat: str = _model_default("remat")
     scan_layers: bool = _model_default("scan_layers")
+    reset_at_documents: bool = _model_default("reset_at_documents")
 
 
 @dataclasses.dataclass

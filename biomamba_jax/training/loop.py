@@ -93,7 +93,7 @@ class Task(Protocol):
 def _initial_model(config: RunConfig) -> tuple[MambaConfig, dict]:
     """(model config, numpy-or-jax params) from `model.init`: random, a checkpoint or a run."""
     runtime = dict(dtype=config.model.dtype, scan_impl=config.model.scan_impl, remat=config.model.remat,
-                   scan_layers=config.model.scan_layers)
+                   scan_layers=config.model.scan_layers, reset_at_documents=config.model.reset_at_documents)
     if config.model.init == "random":
         overrides = {} if config.model.vocab_size is None else {"vocab_size": config.model.vocab_size}
         model_config = MambaConfig.preset(config.model.preset, **overrides, **runtime)
@@ -242,7 +242,8 @@ class Trainer:
             f"model        {n_params / 1e6:.1f}M params, d_model {self.model_config.d_model}, "
             f"{self.model_config.n_layer} layers, dtype {self.model_config.dtype}, "
             f"scan {resolve_scan_impl(self.model_config.scan)}, remat {self.model_config.remat}, "
-            f"layers {'under one scan' if self.model_config.scan_layers else 'written out'}",
+            f"layers {'under one scan' if self.model_config.scan_layers else 'written out'}, "
+            f"packed documents {'run apart' if self.model_config.reset_at_documents else 'share the state'}",
             f"batch        {p.global_rows} x {p.seq_len} = {p.tokens_per_step:,} tokens/step; "
             f"micro-batch {p.micro_batch}/device x {p.num_devices} devices x {p.micro_steps} accumulation",
             f"steps        {start_step} -> {self.total_steps} "

@@ -119,13 +119,15 @@ def make_optimizer(optim, total_steps: int) -> optax.GradientTransformationExtra
 def token_loss_sums(graphdef, params, batch) -> tuple[jax.Array, jax.Array]:
     """Sum of next-token cross-entropy over target positions, and how many there are.
 
-    batch: `tokens` (B, L + 1) int32; optional `loss_mask` (B, L) over targets and
-    `attention_mask` (B, L) over inputs (0 = padding, which leaves the state untouched).
+    batch: `tokens` (B, L + 1) int32; optional `loss_mask` (B, L) over targets,
+    `attention_mask` (B, L) over inputs (0 = padding, which leaves the state untouched) and
+    `segment_ids` (B, L) over inputs (packed documents, which the model keeps apart when
+    its config's `reset_at_documents` says so).
     """
     model = nnx.merge(graphdef, params)
     tokens = batch["tokens"]
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
-    logits = model(inputs, batch.get("attention_mask"))
+    logits = model(inputs, batch.get("attention_mask"), segment_ids=batch.get("segment_ids"))
     losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
     weights = batch.get("loss_mask")
     weights = jnp.ones_like(losses) if weights is None else weights.astype(jnp.float32)
