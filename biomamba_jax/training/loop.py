@@ -77,7 +77,8 @@ class Task(Protocol):
 
     def train_batches(self, plan: BatchPlan) -> Iterator[dict]:
         """Endless iterator of this process's rows {"tokens" (rows, L+1), "loss_mask" (rows, L),
-        optional "attention_mask" (rows, L)}, with `get_state()` / `set_state(state)`."""
+        optional "attention_mask" and "segment_ids" (rows, L)}, with `get_state()` /
+        `set_state(state)`."""
 
     def eval_sets(self, rows: int) -> dict[str, Callable[[], Iterable[dict]]]:
         """Evaluation sets by name, each a function giving batches of `rows` rows; "val"
