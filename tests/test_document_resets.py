@@ -28,8 +28,9 @@ from biomamba_jax.model.scan_pallas import pallas_scan, pallas_selective_scan
 # to 48); the segment sums in tiles of 2 steps.
 SEGMENTED = dict(chunk=4, block_e=8, bwd_block_e=4, segments=4, bwd_segments=2, sum_tile=2)
 # Row 0's document starts: position 0 (the initial state dropped), the last step of a chunk
-# (3), a chunk edge (4) followed by a one-token document (4), segment edges (12, 24, and 24
-# is also a backward segment edge), inside a sum tile (31) and the last step (44).
+# (3), a chunk edge (4) whose document is one token long (5 starts the next), segment edges
+# (12, 24, and 24 is also the backward's one segment edge), inside a sum tile (31) and the
+# last step of a 45-step row (44).
 HAND_PLACED = (0, 3, 4, 5, 12, 24, 31, 44)
 
 
