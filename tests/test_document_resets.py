@@ -102,8 +102,10 @@ IMPLS = {
     "pallas": functools.partial(pallas_scan, _tiling_overrides=dict(chunk=4, block_e=8, bwd_block_e=4)),
     "pallas-segmented": functools.partial(pallas_scan, _tiling_overrides=SEGMENTED),
 }
-# The slowest to compile or interpret on a CPU, and each covered again by the model test below.
-SLOW_IMPLS = ("associative", "chunked-sequential", "pallas")
+# The slowest to compile or interpret on a CPU, each covered again below: the Pallas tilings
+# by the model test, "pallas-segmented" with an initial state and padding also by the fused
+# kernels' test, the associative step (chunked's inner scan) by "chunked".
+SLOW_IMPLS = ("associative", "chunked-sequential", "pallas", "pallas-segmented")
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW_IMPLS else n for n in IMPLS])
@@ -174,9 +176,9 @@ def test_selective_scan_with_resets_and_a_mask_through_the_fused_kernels(fuse, p
 
 
 def test_resets_must_be_batch_by_length():
-    x = scan_inputs(0, 2, 6, 4, 2)
+    u, B = jnp.ones((2, 6, 4)), jnp.ones((2, 6, 2))
     with pytest.raises(ValueError, match=r"resets \(2, 5\) must be \(batch, length\) = \(2, 6\)"):
-        selective_scan(*x[:5], resets=jnp.zeros((2, 5), bool), impl="reference")
+        selective_scan(u, u, -jnp.ones((4, 2)), B, B, resets=jnp.zeros((2, 5), bool), impl="reference")
 
 
 def test_without_resets_the_kernels_take_no_resets_input(monkeypatch):
@@ -305,7 +307,7 @@ def assert_same_logits_and_grads(packed, alone, tolerance):
 
 
 @pytest.mark.parametrize("impl,tiling", [
-    ("reference", None), ("associative", None),
+    ("reference", None), pytest.param("associative", None, marks=pytest.mark.slow),
     pytest.param("chunked:chunk=4", None, marks=pytest.mark.slow),  # chunk edges: the scan test above
     ("pallas", dict(chunk=4, block_e=8, bwd_block_e=8)),  # one program walks the whole row
     ("pallas", SEGMENTED),  # segment edges at 12, 24, 36; fuse=auto is fuse=delta here
