@@ -2,8 +2,8 @@
 
 One frozen dataclass describes the architecture (what a checkpoint fixes) plus run-time
 choices that do not change the weights: the compute dtype, the selective-scan
-implementation, the remat policy, whether the layers run under a scan, and how the loss
-applies the LM head. Their defaults
+implementation, the remat policy, whether the layers run under a scan, how the loss
+applies the LM head and whether packed documents restart the state. Their defaults
 here are the only ones in the project (run configs and benchmarks read them from here),
 and they are the fast ones for training on a GPU; CPU work usually wants float32.
 """
@@ -77,6 +77,10 @@ class MambaConfig:
     # rounds the logits to bf16 before its fp32 softmax, where the others keep them fp32.
     loss_impl: str = "auto"
     loss_chunk_tokens: int = 1024
+    # Given segment ids (rows of packed documents, as in pretraining), run each document as
+    # if alone: the conv window and the SSM state restart at every document's first token.
+    # False carries them across documents, as mamba_ssm's Mamba-1 pretraining did.
+    reset_at_documents: bool = True
 
     def __post_init__(self):
         if self.dt_rank == "auto":
@@ -99,8 +103,9 @@ class MambaConfig:
                 raise ConfigError(f"MambaConfig.{name} must be true or false, got {getattr(self, name)!r}")
         if self.dtype not in COMPUTE_DTYPES:
             raise ConfigError(f"MambaConfig.dtype={self.dtype!r}; choose one of {COMPUTE_DTYPES}")
-        if not isinstance(self.scan_layers, bool):
-            raise ConfigError(f"MambaConfig.scan_layers must be true or false, got {self.scan_layers!r}")
+        for name in ("scan_layers", "reset_at_documents"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"MambaConfig.{name} must be true or false, got {getattr(self, name)!r}")
         if self.remat not in REMAT_POLICIES:
             raise ConfigError(f"MambaConfig.remat={self.remat!r}; choose one of {REMAT_POLICIES}")
         if self.loss_impl not in LOSS_IMPLS:

@@ -12,6 +12,11 @@ Layers are created stacked (every parameter has a leading Y axis) and run under
 `jax.lax.scan`, so compile time does not grow with depth and remat is one decorator; with
 `scan_layers=False` they are written out one by one instead, which trades compile time
 for the copies a scan makes of what the backward pass keeps from each layer.
+
+Packed documents: given per-token `segment_ids` and `config.reset_at_documents`, each
+document of a row runs as if it were alone: the conv reads no input of an earlier
+document and the scan state restarts from zero at each document's first token
+(`document_resets`).
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from flax import nnx
 from biomamba_jax.model.config import MambaConfig
 from biomamba_jax.model.scan import SCAN_RESIDUAL_NAMES, selective_scan, selective_state_update
 
-__all__ = ["DecodeWeights", "MambaCache", "MambaMixer", "MambaBlock", "MambaLM", "RMSNorm"]
+__all__ = ["DecodeWeights", "MambaCache", "MambaMixer", "MambaBlock", "MambaLM", "RMSNorm", "document_resets"]
 
 
 class DecodeWeights(NamedTuple):
@@ -97,18 +102,34 @@ def _dt_bias_init(config: MambaConfig, key) -> jax.Array:
     return dt + jnp.log(-jnp.expm1(-dt))
 
 
-def causal_depthwise_conv(x, kernel, bias=None):
+def document_resets(segment_ids):
+    """Packed rows' segment ids (B, L) -> resets (B, L) bool, True at the first token of
+    each document after a row's first: where segment_ids[t] != segment_ids[t - 1] and
+    t is not padding (id 0, which the attention mask handles as it always has)."""
+    segment_ids = jnp.asarray(segment_ids)
+    starts = (segment_ids[:, 1:] != segment_ids[:, :-1]) & (segment_ids[:, 1:] != 0)
+    return jnp.pad(starts, ((0, 0), (1, 0)))
+
+
+def causal_depthwise_conv(x, kernel, bias=None, resets=None):
     """Causal depthwise conv over time: x (B, L, E), Flax kernel (K, 1, E), bias (E,).
 
     Written as K shifted multiply-adds that XLA fuses into one elementwise pass, accumulated
     in fp32. A grouped `lax.conv` with E groups computes the same, but its filter gradient
     is a slow grouped-convolution kernel on GPUs. Like PyTorch's Conv1d this is
-    cross-correlation: tap k multiplies x[t - (K - 1) + k].
+    cross-correlation: tap k multiplies x[t - (K - 1) + k]. With `resets` (B, L) a tap
+    reads x[t - s] only if no reset lies in (t - s, t]: the window stays in t's document.
     """
     width, length = kernel.shape[0], x.shape[1]
     padded = jnp.pad(x, ((0, 0), (width - 1, 0), (0, 0))).astype(jnp.float32)
     taps = kernel[:, 0, :].astype(jnp.float32)  # (K, E)
-    out = sum(padded[:, k:k + length] * taps[k] for k in range(width))
+    if resets is None:
+        out = sum(padded[:, k:k + length] * taps[k] for k in range(width))
+    else:
+        document = jnp.cumsum(resets, axis=1, dtype=jnp.int32)  # (B, L): which document each token is in
+        padded_document = jnp.pad(document, ((0, 0), (width - 1, 0)), constant_values=-1)
+        same = [(padded_document[:, k:k + length] == document)[..., None] for k in range(width)]
+        out = sum(jnp.where(same[k], padded[:, k:k + length], 0.0) * taps[k] for k in range(width))
     if bias is not None:
         out = out + bias.astype(jnp.float32)
     return out.astype(x.dtype)
@@ -151,9 +172,10 @@ class MambaMixer(nnx.Module):
         delta = dt @ self.dt_proj.kernel[...].astype(dt.dtype)
         return delta, B, C
 
-    def __call__(self, hidden, mask=None, *, return_cache: bool = False):
+    def __call__(self, hidden, mask=None, *, resets=None, return_cache: bool = False):
         """hidden (B, L, D) -> (B, L, D); with `return_cache` also the layer's
-        (conv_state (B, E, K), ssm_state (B, E, N))."""
+        (conv_state (B, E, K), ssm_state (B, E, N)). `resets` (B, L) bool: True at a
+        document's first token, where the conv window and the scan state restart."""
         c = self.config
         dtype = jnp.dtype(c.dtype)
         x, z = jnp.split(self.in_proj(hidden.astype(dtype)), 2, axis=-1)  # (B, L, E) each
@@ -162,16 +184,19 @@ class MambaMixer(nnx.Module):
             x = x * mask[..., None].astype(dtype)
         pre_conv = x
         x = jax.nn.silu(causal_depthwise_conv(
-            x, self.conv1d.kernel[...], self.conv1d.bias[...] if c.conv_bias else None))
+            x, self.conv1d.kernel[...], self.conv1d.bias[...] if c.conv_bias else None, resets))
         delta, B, C = self._ssm_inputs(x)
         y, ssm_state = selective_scan(
             x, delta, -jnp.exp(self.A_log[...]), B, C, self.D[...], z,
             delta_bias=self.dt_proj.bias[...], delta_softplus=True,
-            return_final_state=True, mask=mask, impl=c.scan,
+            return_final_state=True, mask=mask, resets=resets, impl=c.scan,
         )
         out = self.out_proj(y)
         if not return_cache:
             return out
+        if resets is not None:  # the window a next token sees holds only the last document's inputs
+            document = jnp.cumsum(resets, axis=1, dtype=jnp.int32)
+            pre_conv = jnp.where((document == document[:, -1:])[..., None], pre_conv, 0)
         # The conv window after the prompt: its last K pre-conv inputs, zero-padded on the left.
         window = jnp.pad(pre_conv, ((0, 0), (max(c.d_conv - pre_conv.shape[1], 0), 0), (0, 0)))
         conv_state = jnp.swapaxes(window[:, -c.d_conv:], 1, 2)  # (B, E, K)
@@ -203,11 +228,11 @@ class MambaBlock(nnx.Module):
         self.norm = RMSNorm(config.d_model, config.norm_eps)
         self.mixer = MambaMixer(config, rngs=rngs)
 
-    def __call__(self, hidden, mask=None, *, return_cache: bool = False):
+    def __call__(self, hidden, mask=None, *, resets=None, return_cache: bool = False):
         if return_cache:
-            out, cache = self.mixer(self.norm(hidden), mask, return_cache=True)
+            out, cache = self.mixer(self.norm(hidden), mask, resets=resets, return_cache=True)
             return hidden + out.astype(jnp.float32), cache
-        return hidden + self.mixer(self.norm(hidden), mask).astype(jnp.float32)
+        return hidden + self.mixer(self.norm(hidden), mask, resets=resets).astype(jnp.float32)
 
     def step(self, hidden, conv_state, ssm_state):
         out, conv_state, ssm_state = self.mixer.step(self.norm(hidden), conv_state, ssm_state)
@@ -260,14 +285,14 @@ class MambaLM(nnx.Module):
         head = self.embedding.embedding[...].astype(jnp.dtype(c.dtype)) if c.tie_embeddings else None
         return DecodeWeights(_unstack(layer_state, c.n_layer), head)
 
-    def _run_layers(self, hidden, mask, return_cache):
+    def _run_layers(self, hidden, mask, return_cache, resets=None):
         graphdef, layer_state = nnx.split(self.layers)
 
         def one_layer(hidden, state):
             block = nnx.merge(graphdef, state)
             if return_cache:
-                return block(hidden, mask, return_cache=True)
-            return block(hidden, mask), None
+                return block(hidden, mask, resets=resets, return_cache=True)
+            return block(hidden, mask, resets=resets), None
 
         if self.config.remat != "none":
             one_layer = jax.checkpoint(one_layer, policy=_REMAT_POLICIES[self.config.remat])
@@ -283,15 +308,21 @@ class MambaLM(nnx.Module):
         return hidden, (jax.tree.map(lambda *xs: jnp.stack(xs), *caches) if return_cache else None)
 
     # ------------------------------------------------------------------ public
-    def __call__(self, input_ids, attention_mask=None, *, lm_head: bool = True):
+    def __call__(self, input_ids, attention_mask=None, *, segment_ids=None, lm_head: bool = True):
         """input_ids (B, L) int -> logits (B, L, V) in the compute dtype.
 
         `attention_mask` (B, L): 0 marks padding, which leaves the state untouched.
+        `segment_ids` (B, L): packed documents numbered 1, 2, ... along a row (0: padding).
+        With `config.reset_at_documents` each document then gives the logits it would give
+        alone (`document_resets`); without, they are not used and the row is one stream.
         `lm_head=False` returns the final-normed hidden states (B, L, D) in fp32 instead, for
         a loss that applies `output_matrix()` itself without materialising the logits.
         """
+        resets = None
+        if segment_ids is not None and self.config.reset_at_documents:
+            resets = document_resets(segment_ids)
         hidden = self.embedding(input_ids)
-        hidden, _ = self._run_layers(hidden, attention_mask, return_cache=False)
+        hidden, _ = self._run_layers(hidden, attention_mask, return_cache=False, resets=resets)
         return self._logits(hidden) if lm_head else self.norm_f(hidden)
 
     def output_matrix(self) -> jax.Array:

@@ -30,6 +30,12 @@ an impl's options (`scan_options`), e.g. ``"pallas:fuse=delta"`` or ``"chunked:c
 Masked positions (mask == 0) get delta = 0 and u = 0, so exp(0 * A) = 1 and the input
 term vanishes: the state passes through unchanged. That is what makes a left-padded row
 equal to the same row without padding.
+
+Document resets (`resets` (B, L), True at the first token of a new document, as in a row
+of packed documents): the decay of that step is 0, so the state entering it is dropped,
+h_t = delta_t * B_t * u_t, and nothing before it reaches the document, in values or
+gradients. At position 0 a reset means the initial state is ignored. Every impl takes
+`resets=` (None: none, and the code that runs is the code without the feature).
 """
 
 from __future__ import annotations
@@ -40,7 +46,8 @@ import jax
 import jax.numpy as jnp
 
 from biomamba_jax.model.scan_chunked import chunked_scan
-from biomamba_jax.model.scan_math import SCAN_RESIDUAL_NAMES, compose_affine, finish_output, prepare_delta, start_state
+from biomamba_jax.model.scan_math import (SCAN_RESIDUAL_NAMES, compose_affine, finish_output, prepare_delta, start_state,
+                                          step_decay)
 from biomamba_jax.model.scan_options import DEFAULT_SCAN_IMPL, ScanImpl, parse_scan_impl
 from biomamba_jax.model.scan_pallas import pallas_scan, pallas_selective_scan
 
@@ -58,26 +65,28 @@ __all__ = [
 ]
 
 
-def reference_scan(u, delta, A, B, C, initial_state):
-    """Sequential scan over time. u, delta fp32 (B, L, E); B, C fp32 (B, L, N)."""
+def reference_scan(u, delta, A, B, C, initial_state, *, resets=None):
+    """Sequential scan over time. u, delta fp32 (B, L, E); B, C fp32 (B, L, N); resets
+    bool (B, L) or None."""
     batch, _, channels = u.shape
     state0 = start_state(initial_state, batch, channels, A.shape[-1])
 
     def step(state, inputs):
-        u_t, delta_t, B_t, C_t = inputs  # (B, E), (B, E), (B, N), (B, N)
-        decay = jnp.exp(delta_t[..., None] * A)  # (B, E, N)
+        u_t, delta_t, B_t, C_t, *reset_t = inputs  # (B, E), (B, E), (B, N), (B, N), [(B,)]
+        decay = step_decay(delta_t, A, *reset_t)  # (B, E, N)
         state = decay * state + (delta_t * u_t)[..., None] * B_t[:, None, :]
         y_t = jnp.einsum("ben,bn->be", state, C_t)
         return state, y_t
 
-    time_major = [jnp.swapaxes(t, 0, 1) for t in (u, delta, B, C)]
+    per_step = (u, delta, B, C) if resets is None else (u, delta, B, C, resets)
+    time_major = [jnp.swapaxes(t, 0, 1) for t in per_step]
     final_state, y = jax.lax.scan(step, state0, time_major)
     return jnp.swapaxes(y, 0, 1), final_state
 
 
-def associative_scan(u, delta, A, B, C, initial_state):
+def associative_scan(u, delta, A, B, C, initial_state, *, resets=None):
     """Parallel prefix scan over time with the affine-map composition operator."""
-    decay = jnp.exp(delta[..., None] * A)  # (B, L, E, N)
+    decay = step_decay(delta, A, resets)  # (B, L, E, N)
     drive = (delta * u)[..., None] * B[:, :, None, :]  # (B, L, E, N)
     if initial_state is not None:
         # Folding h0 into the first input makes every prefix start from h0.
@@ -88,14 +97,15 @@ def associative_scan(u, delta, A, B, C, initial_state):
 
 
 # The recurrence alone: (u, delta, A, B, C, initial_state) in fp32, delta with its bias and
-# softplus applied, returning y without D and gate, and the fp32 final state.
+# softplus applied, and the keyword resets (bool (B, L) or None), returning y without D
+# and gate, and the fp32 final state.
 SCAN_IMPLS: dict[str, Callable[..., tuple]] = {
     "reference": reference_scan,
     "associative": associative_scan,
     "chunked": chunked_scan,
     "pallas": pallas_scan,
 }
-# Impls that take `selective_scan`'s own arguments (bias, softplus, D, gate, mask) in their
+# Impls that take `selective_scan`'s own arguments (bias, softplus, D, gate, mask, resets) in their
 # own dtypes and do that work themselves, instead of on fp32 copies made by XLA.
 FUSED_SCAN_IMPLS: dict[str, Callable[..., tuple]] = {"pallas": pallas_selective_scan}
 
@@ -120,10 +130,14 @@ def selective_scan(
     return_final_state: bool = False,
     *,
     mask: Optional[Array] = None,
+    resets: Optional[Array] = None,
     impl: Union[str, ScanImpl] = DEFAULT_SCAN_IMPL,
 ):
     """Run the selective scan; returns y (B, L, E) in u's dtype, plus the fp32 final
-    state (B, E, N) when `return_final_state`. Works under jit, grad and vmap."""
+    state (B, E, N) when `return_final_state`. Works under jit, grad and vmap.
+
+    `resets` (B, L), bool or 0/1: True at the first token of a new document, where the
+    state restarts from zero (see the module docstring)."""
     batch, length, channels = u.shape
     if A.shape[0] != channels:
         raise ValueError(f"A has shape {A.shape} but u has {channels} channels (B, L, E)")
@@ -134,11 +148,16 @@ def selective_scan(
         )
     if delta.shape != u.shape:
         raise ValueError(f"delta {delta.shape} must match u {u.shape}")
+    if resets is not None:
+        resets = jnp.asarray(resets)
+        if resets.shape != (batch, length):
+            raise ValueError(f"resets {resets.shape} must be (batch, length) = ({batch}, {length})")
+        resets = resets.astype(bool)
     scan = resolve_scan_impl(impl)
     options = vars(scan.options)
     if scan.name in FUSED_SCAN_IMPLS:
         y, final_state = FUSED_SCAN_IMPLS[scan.name](
-            u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, mask, **options
+            u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, mask, resets=resets, **options
         )
         return (y, final_state) if return_final_state else y
 
@@ -148,7 +167,8 @@ def selective_scan(
     if mask is not None:
         u = u * mask[..., None].astype(jnp.float32)
     y, final_state = SCAN_IMPLS[scan.name](
-        u, delta, A.astype(jnp.float32), B.astype(jnp.float32), C.astype(jnp.float32), initial_state, **options
+        u, delta, A.astype(jnp.float32), B.astype(jnp.float32), C.astype(jnp.float32), initial_state,
+        resets=resets, **options,
     )
     y = finish_output(y, u, D, z, out_dtype)
     return (y, final_state) if return_final_state else y

@@ -9,6 +9,7 @@ recomputes the chunk's (B, T, E, N) tensors: (B, L, E, N) never exists at once.
 
 Lengths that are not a multiple of the chunk are padded with delta = 0 and u = 0, which
 leaves the state unchanged (exp(0 * A) = 1, no input), then the padding is sliced off.
+Document resets (padded with False) zero the decay of their step inside the chunk.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from biomamba_jax.model.scan_math import compose_affine, start_state
+from biomamba_jax.model.scan_math import compose_affine, start_state, step_decay
 
 __all__ = ["chunked_scan", "pad_time", "DEFAULT_CHUNK"]
 
@@ -36,9 +37,9 @@ def pad_time(length: int, chunk: int, *arrays):
     return tuple(jnp.pad(a, widths(a)) for a in arrays)
 
 
-def _chunk_states(state, u, delta, A, B, inner):
+def _chunk_states(state, u, delta, A, B, inner, resets=None):
     """All T states of one chunk, (B, T, E, N), starting from `state` (B, E, N)."""
-    decay = jnp.exp(delta[..., None] * A)  # (B, T, E, N)
+    decay = step_decay(delta, A, resets)  # (B, T, E, N)
     drive = (delta * u)[..., None] * B[:, :, None, :]  # (B, T, E, N)
     if inner == "associative":
         drive = drive.at[:, 0].add(decay[:, 0] * state)
@@ -54,12 +55,13 @@ def _chunk_states(state, u, delta, A, B, inner):
     return jnp.swapaxes(states, 0, 1)
 
 
-def chunked_scan(u, delta, A, B, C, initial_state, *, chunk: int = DEFAULT_CHUNK,
+def chunked_scan(u, delta, A, B, C, initial_state, *, resets=None, chunk: int = DEFAULT_CHUNK,
                  inner: str = "associative"):
     """Selective scan over chunks of `chunk` steps; same contract as `scan.reference_scan`.
 
-    u, delta (B, L, E) fp32; A (E, N); B, C (B, L, N); initial_state (B, E, N) or None.
-    Returns y (B, L, E) without the D skip and gate, and the fp32 final state (B, E, N).
+    u, delta (B, L, E) fp32; A (E, N); B, C (B, L, N); initial_state (B, E, N) or None;
+    resets bool (B, L) or None. Returns y (B, L, E) without the D skip and gate, and the
+    fp32 final state (B, E, N).
     """
     if inner not in ("associative", "sequential"):
         raise ValueError(f"inner must be 'associative' or 'sequential', got {inner!r}")
@@ -67,19 +69,20 @@ def chunked_scan(u, delta, A, B, C, initial_state, *, chunk: int = DEFAULT_CHUNK
     d_state = A.shape[-1]
     chunk = max(1, min(chunk, length))
     state0 = start_state(initial_state, batch, channels, d_state)
-    u, delta, B, C = pad_time(length, chunk, u, delta, B, C)
-    n_chunks = u.shape[1] // chunk
+    per_step = (u, delta, B, C) if resets is None else (u, delta, B, C, resets)
+    per_step = pad_time(length, chunk, *per_step)
+    n_chunks = per_step[0].shape[1] // chunk
 
-    def to_chunks(x):  # (B, nC*T, F) -> (nC, B, T, F)
-        return jnp.swapaxes(x.reshape(batch, n_chunks, chunk, x.shape[-1]), 0, 1)
+    def to_chunks(x):  # (B, nC*T, ...) -> (nC, B, T, ...)
+        return jnp.swapaxes(x.reshape(batch, n_chunks, chunk, *x.shape[2:]), 0, 1)
 
     @functools.partial(jax.checkpoint, prevent_cse=False)
     def body(state, xs):
-        u_c, delta_c, B_c, C_c = xs
-        states = _chunk_states(state, u_c, delta_c, A, B_c, inner)
+        u_c, delta_c, B_c, C_c, *resets_c = xs
+        states = _chunk_states(state, u_c, delta_c, A, B_c, inner, *resets_c)
         y_c = jnp.einsum("bten,btn->bte", states, C_c)
         return states[:, -1], y_c
 
-    final_state, y = jax.lax.scan(body, state0, tuple(map(to_chunks, (u, delta, B, C))))
+    final_state, y = jax.lax.scan(body, state0, tuple(map(to_chunks, per_step)))
     y = jnp.swapaxes(y, 0, 1).reshape(batch, n_chunks * chunk, channels)[:, :length]
     return y, final_state

@@ -1,6 +1,6 @@
 """Pieces every selective-scan implementation shares: the work around the recurrence
-(bias, softplus, masking, D skip, gate), the affine-map composition that makes the
-recurrence associative, and the fp32 start state.
+(bias, softplus, masking, D skip, gate), the step decay with its document resets, the
+affine-map composition that makes the recurrence associative, and the fp32 start state.
 
 Kept apart from `scan.py`, which picks an implementation, so that the implementations
 import these without importing the dispatcher that imports them.
@@ -11,7 +11,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-__all__ = ["SCAN_RESIDUAL_NAMES", "prepare_delta", "finish_output", "compose_affine", "start_state"]
+__all__ = ["SCAN_RESIDUAL_NAMES", "prepare_delta", "finish_output", "step_decay", "compose_affine", "start_state"]
 
 # Names under which an impl tags what its backward needs from the forward (its output and
 # its chunk-start states), with `jax.ad_checkpoint.checkpoint_name`. A remat policy that
@@ -40,6 +40,18 @@ def finish_output(y, u, D, z, out_dtype):
     if z is not None:
         y = y * jax.nn.silu(z.astype(jnp.float32))
     return y.astype(out_dtype)
+
+
+def step_decay(delta, A, resets=None):
+    """exp(delta * A): (..., E, N) from delta (..., E) and A (E, N).
+
+    `resets` (...) marks steps that start a new document: their decay is 0, so the state
+    entering them is dropped (h_t = delta_t B_t u_t) and no gradient flows through it, to
+    delta or A (`jnp.where` passes none to the branch it does not take)."""
+    decay = jnp.exp(delta[..., None] * A)
+    if resets is None:
+        return decay
+    return jnp.where(resets[..., None, None], 0.0, decay)
 
 
 def compose_affine(earlier, later):

@@ -39,6 +39,14 @@ Shapes the Triton lowering cannot take (channels not a multiple of the block, N 
 power of two, L not a multiple of segments x chunk) are padded: zero u and zero delta (or
 -inf raw delta before the softplus) leave the state unchanged, and B = C = 0 on padded
 states keep them at zero.
+
+Document resets (`resets`, (B, L), 1 at a document's first step): the kernels then take
+them as one more fp32 input, read one value per step, and multiply that step's decay by
+1 - reset, which drops the state entering it; the backward, whose adjoint and delta and
+A gradients all go through the same decay, needs nothing else. In the segment sums a
+term counts only if no reset lies between it and the segment's edge (a running count of
+resets beside the running delta sum), and a segment with a reset in it has decay 0 in
+the composition. Without resets none of this is in the kernels.
 """
 
 from __future__ import annotations
@@ -142,6 +150,7 @@ class _Plan(NamedTuple):
     fusion: _Fusion  # forward kernel
     approx_math: bool = False  # kernels use the GPU's approximate ex2 and lg2 (see `_exp`)
     interpret: bool = True  # run the kernels in Pallas' interpreter
+    resets: bool = False  # the kernels take document resets (B, L)
 
     @property
     def chunks_per_segment(self) -> int:
@@ -245,8 +254,9 @@ def _program(plan, block_e) -> _Program:
 
 
 def _load_rows(refs, b, t0, channels, chunk, fusion, with_dy):
-    """Per-step inputs of one chunk as fp32 vectors: a tuple of tuples, one per step."""
-    u_ref, delta_ref, B_ref, C_ref, z_ref, dy_ref = refs
+    """Per-step inputs of one chunk as fp32 vectors (the reset a scalar): a tuple of
+    tuples, one per step."""
+    u_ref, delta_ref, B_ref, C_ref, z_ref, dy_ref, resets_ref = refs
     rows = []
     for i in range(chunk):
         t = t0 + i
@@ -257,9 +267,16 @@ def _load_rows(refs, b, t0, channels, chunk, fusion, with_dy):
             C_ref[b, t, :].astype(f32),
             z_ref[b, t, channels].astype(f32) if fusion.gate else None,
             dy_ref[b, t, channels].astype(f32) if with_dy else None,
+            resets_ref[b, t] if resets_ref is not None else None,
         )
         rows.append(row)
     return tuple(rows)
+
+
+def _step_decay(delta, rate, reset, plan):
+    """exp(delta A) of one step, (E_blk, N); 0 where the step starts a new document."""
+    decay = _exp(delta[:, None] * rate, plan)
+    return decay if reset is None else decay * (1.0 - reset)
 
 
 # ---------------------------------------------------------------------------- forward
@@ -269,6 +286,7 @@ def _forward_kernel(*refs, plan, block_e, save_states):
     r = _Refs(refs)
     u_ref, delta_ref, A_ref, B_ref, C_ref, h0_ref = (r.take() for _ in range(6))
     bias_ref, D_ref, z_ref = r.take(fusion.bias), r.take(fusion.skip), r.take(fusion.gate)
+    resets_ref = r.take(plan.resets)
     y_ref, h_end_ref, states_ref = r.take(), r.take(), r.take(save_states)
     pre_gate_ref = r.take(save_pre_gate)
 
@@ -276,7 +294,7 @@ def _forward_kernel(*refs, plan, block_e, save_states):
     rate = _exp_rate(A_ref[channels, :], plan)  # (E_blk, N)
     bias = bias_ref[channels] if fusion.bias else None
     D = D_ref[channels] if fusion.skip else None
-    data = (u_ref, delta_ref, B_ref, C_ref, z_ref, None)
+    data = (u_ref, delta_ref, B_ref, C_ref, z_ref, None, resets_ref)
     load = lambda c: _load_rows(data, b, c * chunk, channels, chunk, fusion, with_dy=False)
 
     def one_chunk(k, carry):
@@ -285,9 +303,9 @@ def _forward_kernel(*refs, plan, block_e, save_states):
         upcoming = load(jnp.minimum(c + 1, last))  # issued now, used next iteration
         if save_states:
             states_ref[b, c, channels, :] = h
-        for i, (u, raw, Bt, Ct, z, _) in enumerate(rows):
+        for i, (u, raw, Bt, Ct, z, _, reset) in enumerate(rows):
             delta = _delta(raw, bias, fusion, plan.approx_math)
-            h = _exp(delta[:, None] * rate, plan) * h + (delta * u)[:, None] * Bt[None, :]
+            h = _step_decay(delta, rate, reset, plan) * h + (delta * u)[:, None] * Bt[None, :]
             y = jnp.sum(h * Ct[None, :], axis=1)
             if fusion.skip:
                 y = y + D * u
@@ -309,6 +327,7 @@ def _backward_kernel(*refs, plan, block_e):
     r = _Refs(refs)
     u_ref, delta_ref, A_ref, B_ref, C_ref, states_ref, dy_ref, g_end_ref = (r.take() for _ in range(8))
     bias_ref, D_ref = r.take(fusion.bias), r.take(fusion.skip)
+    resets_ref = r.take(plan.resets)
     du_ref, ddelta_ref, dA_ref, dB_ref, dC_ref, dh_start_ref = (r.take() for _ in range(6))
     dD_ref, dbias_ref = r.take(fusion.skip), r.take(fusion.bias)
 
@@ -317,7 +336,7 @@ def _backward_kernel(*refs, plan, block_e):
     rate = _exp_rate(A, plan)
     bias = bias_ref[channels] if fusion.bias else None
     D = D_ref[channels] if fusion.skip else None
-    data = (u_ref, delta_ref, B_ref, C_ref, None, dy_ref)
+    data = (u_ref, delta_ref, B_ref, C_ref, None, dy_ref, resets_ref)
 
     def load(c):
         rows = _load_rows(data, b, c * chunk, channels, chunk, fusion, with_dy=True)
@@ -330,15 +349,17 @@ def _backward_kernel(*refs, plan, block_e):
         # the backward's scarcest resource, yet loading the B and C rows or everything in
         # place was measured slower (benchmarks/HISTORY.md).
         upcoming = load(jnp.maximum(c - 1, first))
-        # Recompute the chunk: states[i] is the state before step i, decays[i] its decay.
+        # Recompute the chunk: states[i] is the state before step i, decays[i] its decay
+        # (0 at a reset, which also zeroes the delta and A gradients through it, and the
+        # adjoint carried past it).
         deltas = [_delta(row[1], bias, fusion, plan.approx_math) for row in rows]
-        decays = [_exp(d[:, None] * rate, plan) for d in deltas]
+        decays = [_step_decay(d, rate, row[6], plan) for d, row in zip(deltas, rows)]
         states = [h_start]
-        for (u, _, Bt, _, _, _), delta, decay in zip(rows, deltas, decays):
+        for (u, _, Bt, *_), delta, decay in zip(rows, deltas, decays):
             states.append(decay * states[-1] + (delta * u)[:, None] * Bt[None, :])
         for i in reversed(range(chunk)):
             t = c * chunk + i
-            u, raw, Bt, Ct, _, dy = rows[i]
+            u, raw, Bt, Ct, _, dy, _ = rows[i]
             delta, decay = deltas[i], decays[i]
             g = g + dy[:, None] * Ct[None, :]
             dC_ref[b, block, t, :] = jnp.sum(dy[:, None] * states[i + 1], axis=0).astype(dC_ref.dtype)
@@ -388,11 +409,13 @@ def _segment_end_kernel(*refs, plan, block_e, tile):
     segment's steps after t. Tiles run from the segment's end so later_t is a running sum
     plus a within-tile cumsum; exp(A * later_t) <= 1 (A < 0), so nothing overflows. It also
     writes the segment's delta total, which sets the segment's decay: summed here, where
-    delta is in registers anyway, XLA need not read the fp32 (B, L, E) delta once more."""
+    delta is in registers anyway, XLA need not read the fp32 (B, L, E) delta once more.
+    With resets, a step's term counts only if no reset comes after it in the segment."""
     fusion = plan.fusion
     r = _Refs(refs)
     u_ref, delta_ref, A_ref, B_ref = (r.take() for _ in range(4))
     bias_ref = r.take(fusion.bias)
+    resets_ref = r.take(plan.resets)
     h_end_ref, total_ref = r.take(), r.take()
 
     b, _, segment, channels, first, _ = _program(plan, block_e)
@@ -401,18 +424,24 @@ def _segment_end_kernel(*refs, plan, block_e, tile):
     tiles = plan.chunks_per_segment * plan.chunk // tile
 
     def one_tile(k, carry):
-        h, after = carry  # after: delta summed over the segment's steps after this tile
+        h, after, *resets_after = carry  # after: delta summed over the segment's steps after this tile
         steps = pl.ds((first * plan.chunk) + (tiles - 1 - k) * tile, tile)
         delta = _delta(delta_ref[b, steps, channels].astype(f32), bias, fusion, plan.approx_math)  # (T, E_blk)
         drive = delta * u_ref[b, steps, channels].astype(f32)
         Bt = B_ref[b, steps, :].astype(f32)  # (T, N)
         total = jnp.sum(delta, axis=0)
         later = after[None, :] + (total[None, :] - jnp.cumsum(delta, axis=0))
+        if plan.resets:  # resets after step t in the segment, as `later` counts delta
+            resets = resets_ref[b, steps]  # (T,)
+            resets_total = jnp.sum(resets)
+            later_resets = resets_after[0] + (resets_total - jnp.cumsum(resets))
+            drive = jnp.where(later_resets[:, None] > 0.0, 0.0, drive)
+            resets_after = [resets_after[0] + resets_total]
         terms = _exp(later[:, :, None] * rate[None], plan) * drive[:, :, None] * Bt[:, None, :]
-        return h + jnp.sum(terms, axis=0), after + total
+        return h + jnp.sum(terms, axis=0), after + total, *resets_after
 
-    zeros = jnp.zeros(rate.shape, f32), jnp.zeros((block_e,), f32)
-    h, total = jax.lax.fori_loop(0, tiles, one_tile, zeros)
+    zeros = jnp.zeros(rate.shape, f32), jnp.zeros((block_e,), f32), *([jnp.zeros((), f32)] if plan.resets else [])
+    h, total, *_ = jax.lax.fori_loop(0, tiles, one_tile, zeros)
     h_end_ref[b, segment, channels, :] = h
     total_ref[b, segment, channels] = total
 
@@ -422,11 +451,13 @@ def _segment_start_adjoint_kernel(*refs, plan, block_e, tile):
     from zero at its end, g_start = sum_t exp(A * upto_t) * dy_t C_t, upto_t = sum of
     delta over the segment's steps up to and including t (the recurrence
     g <- exp(delta A) (g + dy C), run from the segment's end, written out as a sum), and
-    the segment's delta total, as `_segment_end_kernel`."""
+    the segment's delta total, as `_segment_end_kernel`. With resets, a step's term counts
+    only if no reset comes at or before it in the segment."""
     fusion = plan.bwd_fusion
     r = _Refs(refs)
     delta_ref, A_ref, C_ref, dy_ref = (r.take() for _ in range(4))
     bias_ref = r.take(fusion.bias)
+    resets_ref = r.take(plan.resets)
     g_start_ref, total_ref = r.take(), r.take()
 
     b, _, segment, channels, first, _ = _program(plan, block_e)
@@ -435,17 +466,22 @@ def _segment_start_adjoint_kernel(*refs, plan, block_e, tile):
     tiles = plan.chunks_per_segment * plan.chunk // tile
 
     def one_tile(k, carry):
-        g, before = carry  # before: delta summed over the segment's steps before this tile
+        g, before, *resets_before = carry  # before: delta summed over the segment's steps before this tile
         steps = pl.ds(first * plan.chunk + k * tile, tile)
         delta = _delta(delta_ref[b, steps, channels].astype(f32), bias, fusion, plan.approx_math)
         dy = dy_ref[b, steps, channels].astype(f32)
         Ct = C_ref[b, steps, :].astype(f32)
         upto = before[None, :] + jnp.cumsum(delta, axis=0)
+        if plan.resets:  # resets up to and including step t in the segment, as `upto` counts delta
+            resets = resets_ref[b, steps]  # (T,)
+            upto_resets = resets_before[0] + jnp.cumsum(resets)
+            dy = jnp.where(upto_resets[:, None] > 0.0, 0.0, dy)
+            resets_before = [resets_before[0] + jnp.sum(resets)]
         terms = _exp(upto[:, :, None] * rate[None], plan) * dy[:, :, None] * Ct[:, None, :]
-        return g + jnp.sum(terms, axis=0), before + jnp.sum(delta, axis=0)
+        return g + jnp.sum(terms, axis=0), before + jnp.sum(delta, axis=0), *resets_before
 
-    zeros = jnp.zeros(rate.shape, f32), jnp.zeros((block_e,), f32)
-    g, total = jax.lax.fori_loop(0, tiles, one_tile, zeros)
+    zeros = jnp.zeros(rate.shape, f32), jnp.zeros((block_e,), f32), *([jnp.zeros((), f32)] if plan.resets else [])
+    g, total, *_ = jax.lax.fori_loop(0, tiles, one_tile, zeros)
     g_start_ref[b, segment, channels, :] = g
     total_ref[b, segment, channels] = total
 
@@ -473,10 +509,16 @@ def _fused_args(fusion, bias, D, z):
     return [x for x, on in ((bias, fusion.bias), (D, fusion.skip), (z, fusion.gate)) if on]
 
 
-def _segment_decays(totals, A):
+def _segment_decays(totals, A, resets):
     """exp(A * sum of delta over each segment): (B, S, E, N), the decay a segment applies,
-    from the (B, S, E) delta totals the pass-1 kernels write."""
-    return jnp.exp(totals[..., None] * A)
+    from the (B, S, E) delta totals the pass-1 kernels write; 0 for a segment with a
+    document reset in it (resets (B, L) or None)."""
+    decays = jnp.exp(totals[..., None] * A)
+    if resets is None:
+        return decays
+    batch, segments = totals.shape[:2]
+    carried = jnp.all(resets.reshape(batch, segments, -1) == 0.0, axis=-1)  # (B, S)
+    return jnp.where(carried[..., None, None], decays, 0.0)
 
 
 def _segment_recurrence(decays, drives, initial, reverse=False):
@@ -493,13 +535,14 @@ def _segment_recurrence(decays, drives, initial, reverse=False):
     return jax.lax.associative_scan(combine, (decays, drives), reverse=reverse, axis=1)[1]
 
 
-def _forward(tiling, plan, u, delta, A, B, C, h0, bias, D, z, save_states):
+def _forward(tiling, plan, u, delta, A, B, C, h0, bias, D, z, resets, save_states):
     """y (in u's dtype), the final state and, if `save_states`, the chunk-start states."""
     batch, length, channels = u.shape
     d_state = A.shape[-1]
     S = plan.segments
     grid = (batch, channels // tiling.block_e, S)
     fused = _fused_args(plan.fusion, bias, D, z)
+    resets_arg = [resets] if plan.resets else []
     states_shape = jax.ShapeDtypeStruct((batch, length // plan.chunk, channels, d_state), f32)
     segment_state = jax.ShapeDtypeStruct((batch, S, channels, d_state), f32)
     segment_totals = jax.ShapeDtypeStruct((batch, S, channels), f32)
@@ -516,8 +559,8 @@ def _forward(tiling, plan, u, delta, A, B, C, h0, bias, D, z, save_states):
                                    tile=_sum_tile(plan, tiling.sum_tile))
         bias_arg = [bias] if plan.fusion.bias else []
         local_ends, totals = _call(kernel, [segment_state, segment_totals], grid, plan, tiling.sum_num_warps,
-                                   (u, delta, A, B, *bias_arg))
-        decays = _segment_decays(totals, A)
+                                   (u, delta, A, B, *bias_arg, *resets_arg))
+        decays = _segment_decays(totals, A, resets)
         # The true end of segment s is decay_s * (its true start) + its end from zero.
         true_ends = _segment_recurrence(decays[:, :-1], local_ends[:, :-1], h0)
         starts = jnp.concatenate([h0[:, None], true_ends], axis=1)
@@ -525,13 +568,15 @@ def _forward(tiling, plan, u, delta, A, B, C, h0, bias, D, z, save_states):
     out_shape = [jax.ShapeDtypeStruct(u.shape, u.dtype), segment_state]
     out_shape += [states_shape] if save_states else []
     out_shape += [jax.ShapeDtypeStruct(u.shape, f32)] if save_states and plan.saves_pre_gate else []
-    y, ends, *saved = _call(kernel, out_shape, grid, plan, tiling.num_warps, (u, delta, A, B, C, starts, *fused))
+    y, ends, *saved = _call(kernel, out_shape, grid, plan, tiling.num_warps,
+                            (u, delta, A, B, C, starts, *fused, *resets_arg))
     return y, ends[:, -1], (tuple(saved) if save_states else None)
 
 
 def _backward(tiling, plan, residuals, dy, dfinal):
-    u, delta, A, B, C, bias, D, z, (states, *pre_gate) = residuals
+    u, delta, A, B, C, bias, D, z, resets, (states, *pre_gate) = residuals
     plan = plan.backward()
+    resets_arg = [resets] if plan.resets else []
     batch, length, channels = u.shape
     d_state = A.shape[-1]
     S, fusion = plan.segments, plan.bwd_fusion
@@ -554,8 +599,8 @@ def _backward(tiling, plan, residuals, dy, dfinal):
                                    tile=_sum_tile(plan, tiling.sum_tile))
         segment_totals = jax.ShapeDtypeStruct((batch, S, channels), f32)
         local, totals = _call(kernel, [segment_state, segment_totals], (batch, channels // tiling.block_e, S), plan,
-                              tiling.sum_num_warps, (delta, A, C, dy, *extras))
-        decays = _segment_decays(totals, A)
+                              tiling.sum_num_warps, (delta, A, C, dy, *extras, *resets_arg))
+        decays = _segment_decays(totals, A, resets)
         # The adjoint entering segment s from its right is decay_{s+1} * (the one entering
         # segment s+1) + segment s+1's start adjoint from zero; the last receives dfinal.
         g_ends = _segment_recurrence(decays[:, 1:], local[:, 1:], dfinal, reverse=True)
@@ -578,7 +623,7 @@ def _backward(tiling, plan, residuals, dy, dfinal):
     out_shape += [per_channel] if fusion.bias else []
     kernel = functools.partial(_backward_kernel, plan=plan, block_e=block_e)
     outs = _call(kernel, out_shape, grid, plan, tiling.bwd_num_warps,
-                 (u, delta, A, B, C, states, dy, g_ends, *_fused_args(fusion, bias, D, z)))
+                 (u, delta, A, B, C, states, dy, g_ends, *_fused_args(fusion, bias, D, z), *resets_arg))
     du, ddelta, dA, dB, dC, dh_start, *rest = outs
     dD = rest.pop(0).sum((0, 1)) if fusion.skip else None
     dbias = rest.pop(0).sum((0, 1)) if fusion.bias else None
@@ -586,22 +631,24 @@ def _backward(tiling, plan, residuals, dy, dfinal):
     # concatenation of x_proj's output gradient), XLA ran the dB sum as a loop of strided
     # loads, far below the bandwidth its reduction kernel reached for dC.
     dB, dC = jax.lax.optimization_barrier((dB.sum(1, dtype=f32), dC.sum(1, dtype=f32)))
-    return (du, ddelta, dA.sum((0, 1)), dB.astype(B.dtype), dC.astype(C.dtype), dh_start[:, 0], dbias, dD, dz)
+    # Resets are not differentiable: their cotangent is None (zero).
+    return (du, ddelta, dA.sum((0, 1)), dB.astype(B.dtype), dC.astype(C.dtype), dh_start[:, 0], dbias, dD, dz,
+            None)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _scan_padded(tiling, plan, u, delta, A, B, C, h0, bias, D, z):
-    y, final, _ = _forward(tiling, plan, u, delta, A, B, C, h0, bias, D, z, save_states=False)
+def _scan_padded(tiling, plan, u, delta, A, B, C, h0, bias, D, z, resets):
+    y, final, _ = _forward(tiling, plan, u, delta, A, B, C, h0, bias, D, z, resets, save_states=False)
     return y, final
 
 
-def _scan_padded_fwd(tiling, plan, u, delta, A, B, C, h0, bias, D, z):
-    y, final, saved = _forward(tiling, plan, u, delta, A, B, C, h0, bias, D, z, save_states=True)
+def _scan_padded_fwd(tiling, plan, u, delta, A, B, C, h0, bias, D, z, resets):
+    y, final, saved = _forward(tiling, plan, u, delta, A, B, C, h0, bias, D, z, resets, save_states=True)
     # Named so that remat="scan" keeps them and the backward pass skips the forward kernel.
     output_name, states_name = SCAN_RESIDUAL_NAMES
     y = checkpoint_name(y, output_name)
     saved = tuple(checkpoint_name(x, states_name) for x in saved)
-    return (y, final), (u, delta, A, B, C, bias, D, z, saved)
+    return (y, final), (u, delta, A, B, C, bias, D, z, resets, saved)
 
 
 def _scan_padded_bwd(tiling, plan, residuals, cotangents):
@@ -671,14 +718,14 @@ def _padded(tiling: _Tiling, length: int, channels: int) -> tuple[int, int]:
     return -(-length // steps) * steps, -(-channels // widest) * widest
 
 
-def _run(u, delta, A, B, C, h0, bias, D, z, fusion, tiling, options):
-    """Pad to the kernels' tiling, run, and slice the padding off."""
+def _run(u, delta, A, B, C, h0, bias, D, z, fusion, tiling, options, resets=None):
+    """Pad to the kernels' tiling, run, and slice the padding off. `resets` (B, L) bool or None."""
     _, length, channels = u.shape
     d_state = A.shape[-1]
     padded_l, padded_e = _padded(tiling, length, channels)
     interpret = _interpret(options)
     plan = _Plan(tiling.chunk, padded_l // tiling.chunk, tiling.segments, tiling.bwd_segments, fusion,
-                 approx_math=options.approx_math and not interpret, interpret=interpret)
+                 approx_math=options.approx_math and not interpret, interpret=interpret, resets=resets is not None)
     padded_n = _next_pow2(d_state)
     de, dn, dl = padded_e - channels, padded_n - d_state, padded_l - length
 
@@ -694,11 +741,12 @@ def _run(u, delta, A, B, C, h0, bias, D, z, fusion, tiling, options):
         pad(u, 0, dl, de), pad(delta, 0, dl, de, value=delta_pad), pad(A, de, dn),
         pad(B, 0, dl, dn), pad(C, 0, dl, dn), pad(h0, 0, de, dn),
         pad(bias, de), pad(D, de), pad(z, 0, dl, de),
+        None if resets is None else pad(resets.astype(f32), 0, dl),  # padded steps start no document
     )
     return y[:, :length, :channels], final[:, :channels, :d_state]
 
 
-def pallas_scan(u, delta, A, B, C, initial_state, *, fuse: Union[bool, str] = PallasOptions.fuse,
+def pallas_scan(u, delta, A, B, C, initial_state, *, resets=None, fuse: Union[bool, str] = PallasOptions.fuse,
                 approx_math: bool = PallasOptions.approx_math, interpret: Optional[bool] = PallasOptions.interpret,
                 _tiling_overrides: Optional[dict] = None):
     """Selective scan through the Pallas kernels; same contract as `scan.reference_scan`
@@ -709,11 +757,12 @@ def pallas_scan(u, delta, A, B, C, initial_state, *, fuse: Union[bool, str] = Pa
     options = PallasOptions(fuse=fuse, approx_math=approx_math, interpret=interpret)
     tiling = _tiling(*u.shape, options, _tiling_overrides)
     h0 = start_state(initial_state, *u.shape[::2], A.shape[-1])
-    return _run(u, delta, A, B, C, h0, None, None, None, _Fusion(), tiling, options)
+    return _run(u, delta, A, B, C, h0, None, None, None, _Fusion(), tiling, options, resets)
 
 
 def pallas_selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                          initial_state=None, mask=None, *, fuse: Union[bool, str] = PallasOptions.fuse,
+                          initial_state=None, mask=None, *, resets=None,
+                          fuse: Union[bool, str] = PallasOptions.fuse,
                           approx_math: bool = PallasOptions.approx_math,
                           interpret: Optional[bool] = PallasOptions.interpret,
                           _tiling_overrides: Optional[dict] = None):
@@ -733,7 +782,7 @@ def pallas_selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, de
         # nothing is lost): the kernels read them as fp32 and return their gradients in
         # their own dtypes, which saves an fp32 (B, L, E) copy of u and of du per layer.
         u = u if mask is None else u * mask[..., None].astype(u.dtype)
-        y, final = _run(u, delta32, A.astype(f32), B, C, h0, None, None, None, _Fusion(), tiling, options)
+        y, final = _run(u, delta32, A.astype(f32), B, C, h0, None, None, None, _Fusion(), tiling, options, resets)
         return finish_output(y, u.astype(f32), D, z, u.dtype), final
     if delta_bias is not None and not delta_softplus:
         # Masked and padded steps must see delta exactly 0. With a softplus they get a raw
@@ -751,7 +800,7 @@ def pallas_selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, de
     as_f32 = lambda x: None if x is None else x.astype(f32)
     kernel_D, kernel_z = (None, None) if delta_only else (as_f32(D), z)
     y, final = _run(u, delta, A.astype(f32), B, C, h0, as_f32(delta_bias), kernel_D, kernel_z, fusion, tiling,
-                    options)
+                    options, resets)
     if delta_only:
         y = finish_output(y, u.astype(f32), D, z, u.dtype)
     return y, final

@@ -44,6 +44,7 @@ class ModelSection:
     scan_layers: bool = _model_default("scan_layers")
     loss_impl: str = _model_default("loss_impl")
     loss_chunk_tokens: int = _model_default("loss_chunk_tokens")
+    reset_at_documents: bool = _model_default("reset_at_documents")
 
 
 @dataclasses.dataclass

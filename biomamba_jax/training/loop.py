@@ -78,7 +78,8 @@ class Task(Protocol):
 
     def train_batches(self, plan: BatchPlan) -> Iterator[dict]:
         """Endless iterator of this process's rows {"tokens" (rows, L+1), "loss_mask" (rows, L),
-        optional "attention_mask" (rows, L)}, with `get_state()` / `set_state(state)`."""
+        optional "attention_mask" and "segment_ids" (rows, L)}, with `get_state()` /
+        `set_state(state)`."""
 
     def eval_sets(self, rows: int) -> dict[str, Callable[[], Iterable[dict]]]:
         """Evaluation sets by name, each a function giving batches of `rows` rows; "val"
@@ -95,7 +96,7 @@ def _initial_model(config: RunConfig) -> tuple[MambaConfig, dict]:
     """(model config, numpy-or-jax params) from `model.init`: random, a checkpoint or a run."""
     runtime = dict(dtype=config.model.dtype, scan_impl=config.model.scan_impl, remat=config.model.remat,
                    scan_layers=config.model.scan_layers, loss_impl=config.model.loss_impl,
-                   loss_chunk_tokens=config.model.loss_chunk_tokens)
+                   loss_chunk_tokens=config.model.loss_chunk_tokens, reset_at_documents=config.model.reset_at_documents)
     if config.model.init == "random":
         overrides = {} if config.model.vocab_size is None else {"vocab_size": config.model.vocab_size}
         model_config = MambaConfig.preset(config.model.preset, **overrides, **runtime)
@@ -251,7 +252,8 @@ class Trainer:
             f"{self.model_config.n_layer} layers, dtype {self.model_config.dtype}, "
             f"scan {resolve_scan_impl(self.model_config.scan)}, remat {self.model_config.remat}, "
             f"layers {'under one scan' if self.model_config.scan_layers else 'written out'}, "
-            f"loss {_describe_loss(self.model_config)}",
+            f"loss {_describe_loss(self.model_config)}, "
+            f"packed documents {'run apart' if self.model_config.reset_at_documents else 'share the state'}",
             f"batch        {p.global_rows} x {p.seq_len} = {p.tokens_per_step:,} tokens/step; "
             f"micro-batch {p.micro_batch}/device x {p.num_devices} devices x {p.micro_steps} accumulation",
             f"steps        {start_step} -> {self.total_steps} "

@@ -21,9 +21,12 @@ __all__ = ["pretrain", "PubmedTask"]
 
 
 def _packed_rows_to_step_batch(batch: dict, with_attention_mask: bool) -> dict:
-    """Loader rows {"tokens", "segment_ids"} -> a train/eval batch; segment id 0 is padding."""
+    """Loader rows {"tokens", "segment_ids"} -> a train/eval batch; segment id 0 is padding.
+    The inputs' segment ids go with it: with `model.reset_at_documents` the model runs each
+    packed document on its own."""
     step_batch = {"tokens": batch["tokens"],
-                  "loss_mask": (batch["segment_ids"][:, 1:] != 0).astype(np.float32)}
+                  "loss_mask": (batch["segment_ids"][:, 1:] != 0).astype(np.float32),
+                  "segment_ids": batch["segment_ids"][:, :-1]}
     if with_attention_mask:
         step_batch["attention_mask"] = (batch["segment_ids"][:, :-1] != 0).astype(np.int32)
     return step_batch

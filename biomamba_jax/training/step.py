@@ -121,8 +121,10 @@ def token_loss_sums(graphdef, params, batch) -> tuple[jax.Array, jax.Array]:
     """Sum of next-token cross-entropy over target positions, and how many there are, with
     the LM head applied as `MambaConfig.loss_impl` says.
 
-    batch: `tokens` (B, L + 1) int32; optional `loss_mask` (B, L) over targets and
-    `attention_mask` (B, L) over inputs (0 = padding, which leaves the state untouched).
+    batch: `tokens` (B, L + 1) int32; optional `loss_mask` (B, L) over targets,
+    `attention_mask` (B, L) over inputs (0 = padding, which leaves the state untouched) and
+    `segment_ids` (B, L) over inputs (packed documents, which the model keeps apart when
+    its config's `reset_at_documents` says so).
     """
     model = nnx.merge(graphdef, params)
     c = model.config
@@ -132,10 +134,10 @@ def token_loss_sums(graphdef, params, batch) -> tuple[jax.Array, jax.Array]:
     weights = jnp.ones(targets.shape, jnp.float32) if weights is None else weights.astype(jnp.float32)
     loss_impl = resolve_loss_impl(c.loss_impl)
     if loss_impl == "full":
-        logits = model(inputs, batch.get("attention_mask"))
+        logits = model(inputs, batch.get("attention_mask"), segment_ids=batch.get("segment_ids"))
         losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
         return jnp.sum(losses * weights), jnp.sum(weights)
-    hidden = model(inputs, batch.get("attention_mask"), lm_head=False)
+    hidden = model(inputs, batch.get("attention_mask"), segment_ids=batch.get("segment_ids"), lm_head=False)
     loss_sum = lm_head_cross_entropy(
         hidden.reshape(-1, hidden.shape[-1]), model.output_matrix(), targets.reshape(-1), weights.reshape(-1),
         impl=loss_impl, dtype=c.dtype, chunk_tokens=c.loss_chunk_tokens)
