@@ -52,7 +52,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from biomamba_jax.model.scan_math import SCAN_RESIDUAL_NAMES
 from biomamba_jax.model.scan_options import MosaicOptions
 
-__all__ = ["mosaic_selective_scan", "MosaicOptions", "TILE", "MAX_D_STATE", "unsupported_reason"]
+__all__ = ["MAX_D_STATE", "TILE", "MosaicOptions", "device_reason", "mosaic_selective_scan", "unsupported_reason"]
 
 f32 = jnp.float32
 TILE = 16  # tokens per TMA tile; the forward saves the state entering every tile
@@ -99,6 +99,19 @@ def unsupported_reason(d_state: int) -> Optional[str]:
     if d_state > MAX_D_STATE:
         return (f"the mosaic scan supports d_state up to {MAX_D_STATE} (its backward keeps a tile of "
                 f"states in shared memory); got {d_state}: use impl 'pallas' or 'chunked'")
+    return None
+
+
+def device_reason() -> Optional[str]:
+    """Why the default device cannot run the kernels (None if it can): they use Hopper's
+    copy engine (TMA) and need compute capability 9.0 or newer."""
+    backend = jax.default_backend()
+    if backend != "gpu":
+        return f"impl 'mosaic' runs on NVIDIA GPUs of compute capability 9.0 or newer; this backend is {backend}"
+    capability = str(getattr(jax.devices()[0], "compute_capability", "") or "")
+    if capability and int(capability.split(".")[0]) < 9:
+        return (f"impl 'mosaic' needs compute capability 9.0 or newer (Hopper); this GPU has {capability}: "
+                f"use impl 'pallas'")
     return None
 
 
@@ -258,10 +271,10 @@ def _lane_sums_store(ref, products):
     their list that the other keeps, so the list halves while the sums double; K - 1
     shuffles for K products, against 5 K for K separate reductions. Steps past K's
     log2 are plain butterfly adds of the one sum left."""
-    from jax.experimental.mosaic import gpu as mgpu  # the kernels' own IR, only needed here
-    from jax.experimental.mosaic.gpu import utils as mgpu_utils
+    # Mosaic GPU's own IR, below Pallas: only this function needs it.
     from jax._src.lib.mlir import ir
     from jax._src.lib.mlir.dialects import arith, memref, vector
+    from jax.experimental.mosaic.gpu import utils as mgpu_utils
 
     count = len(products)
 
@@ -297,7 +310,6 @@ def _lane_sums_store(ref, products):
         # Lanes holding the same product store the same value to the same place.
         memref.store(sums[0], out, [arith.index_cast(idx, warp), arith.index_cast(idx, index)])
 
-    del mgpu
     store(ref, *products)
 
 
@@ -444,7 +456,7 @@ def _backward_call(cfg: _Config, arrays: dict):
 
 
 def _kernel_arrays(cfg, delta, u, z, bc, pen, bias, dskip, a_t, h0t):
-    arrays = dict(delta=delta, u=u, bc=bc, bias=bias, dskip=dskip, a2t=a_t * _LOG2E, h0t=h0t)
+    arrays = {"delta": delta, "u": u, "bc": bc, "bias": bias, "dskip": dskip, "a2t": a_t * _LOG2E, "h0t": h0t}
     if cfg.has_z:
         arrays["z"] = z
     if cfg.has_resets:
@@ -496,7 +508,7 @@ def mosaic_selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, de
     `_interpret` runs the kernels in Pallas' GPU interpreter (tests on a CPU)."""
     batch, length, channels = u.shape
     d_state = A.shape[-1]
-    reason = unsupported_reason(d_state)
+    reason = unsupported_reason(d_state) or (None if _interpret else device_reason())
     if reason:
         raise ValueError(reason)
     n_pad = _padded_d_state(d_state)
