@@ -11,7 +11,7 @@ import pytest
 
 from biomamba_jax.benchmark import scan_inputs
 from biomamba_jax.model.scan import selective_scan
-from helpers import rel_err
+from helpers import rel_err, scan_with_resets
 
 pytestmark = [
     pytest.mark.gpu,
@@ -125,24 +125,6 @@ def test_mosaic_bf16_activations_match_reference_on_the_same_inputs():
     for name in grads_ref:
         assert grads[name].dtype == grads_ref[name].dtype, name
         assert rel_err(grads[name], grads_ref[name]) < 2e-2, name
-
-
-def scan_with_resets(u, delta, A, B, C, D, z, delta_bias, initial_state, resets):
-    """The resets contract written out: the state entering a reset token is zeroed (so a
-    reset at position 0 drops the initial state), then the usual step."""
-    delta = jax.nn.softplus(delta.astype(jnp.float32) + delta_bias)
-    u32 = u.astype(jnp.float32)
-
-    def step(state, inputs):
-        u_t, delta_t, B_t, C_t, reset_t = inputs
-        state = jnp.where(reset_t[:, None, None], 0.0, state)
-        state = jnp.exp(delta_t[..., None] * A) * state + (delta_t * u_t)[..., None] * B_t[:, None, :]
-        return state, jnp.einsum("ben,bn->be", state, C_t)
-
-    time_major = [jnp.swapaxes(t, 0, 1) for t in (u32, delta, B.astype(jnp.float32), C.astype(jnp.float32), resets)]
-    final, y = jax.lax.scan(step, initial_state, time_major)
-    y = (jnp.swapaxes(y, 0, 1) + u32 * D) * jax.nn.silu(z.astype(jnp.float32))
-    return y.astype(u.dtype), final
 
 
 @on_hopper

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import math
 from typing import Optional
 
@@ -115,9 +116,19 @@ def device_reason() -> Optional[str]:
     return None
 
 
+# jax 0.10's `plgpu.load` takes an index argument; 0.11 deprecates it for `ref.at[...]`.
+_LOAD_TAKES_INDEX = inspect.signature(plgpu.load).parameters["idx"].default is inspect.Parameter.empty
+
+
+def _load(ref, layout):
+    if _LOAD_TAKES_INDEX:
+        return plgpu.load(ref, (), layout=layout, optimized=False)
+    return plgpu.load(ref, layout=layout, optimized=False)
+
+
 def _line(ref):
     """A (BLOCK,) row of a ref, one element per thread."""
-    return plgpu.load(ref, layout=_LINE, optimized=False)
+    return _load(ref, _LINE)
 
 
 def _softplus(x):
@@ -133,12 +144,20 @@ def _launch(cfg: _Config, name: str, body, out_type, scratch_types):
     params = plgpu.CompilerParams(approx_math=cfg.approx_math, unsafe_no_auto_barriers=True)
     kwargs = {}
     if cfg.interpret:
-        kwargs["interpret"] = plgpu.InterpretGPUParams(inline_mgpu="ignore")
+        kwargs["interpret"] = _interpret_params()
     # No automatic barriers: a thread reads and writes only its own channel's column of the
     # tiles and the state history; the shared rows (refilled tile slots, dB/dC warp sums)
     # are ordered by the explicit `commit_smem` (a fence and a warpgroup barrier).
     return plgpu.kernel(body, out_type=out_type, scratch_types=scratch_types, grid=(cfg.channels // BLOCK, cfg.batch),
                         grid_names=("e", "b"), kernel_name=name, compiler_params=params, **kwargs)
+
+
+def _interpret_params():
+    """Pallas' GPU interpreter (exported from jax 0.11; jax 0.10 has it unexported)."""
+    params = getattr(plgpu, "InterpretGPUParams", None)
+    if params is None:
+        from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams as params
+    return params()
 
 
 def _line_inputs(cfg: _Config, with_dy: bool) -> list[str]:
@@ -434,7 +453,7 @@ def _backward_call(cfg: _Config, arrays: dict):
 
             total = None
             for w in range(warp_rows):
-                part = plgpu.load(warp_sums.at[parity, w], layout=sums_line, optimized=False)
+                part = _load(warp_sums.at[parity, w], sums_line)
                 total = part if total is None else total + part
             outs["dbc"][b, e_block, pl.ds(tile * TILE * width, TILE * width)] = total
             return carry
