@@ -70,6 +70,7 @@ _LN2 = math.log(2.0)
 _MASKED_RAW_DELTA = -1.0e4  # softplus(-1e4 + bias) is exactly 0 in fp32
 _RESET_PENALTY = 1.0e30  # added to delta in the decay of a reset token: exp2(-huge) = 0
 _LINE = plgpu.Layout.WG_STRIDED((BLOCK,), vec_size=1)  # thread i holds channel i
+_PEN_ROW = max(TILE, 32)  # floats per shared-memory row of reset penalties
 
 
 @dataclasses.dataclass(frozen=True)
@@ -168,7 +169,8 @@ def _tile_scratch(cfg: _Config, arrays: dict, lines: list[str], stages: int) -> 
     scratch = {name: plgpu.SMEM((stages, TILE, BLOCK), arrays[name].dtype) for name in lines}
     scratch["bc"] = plgpu.SMEM((stages, TILE, 2 * cfg.d_state), f32)
     if cfg.has_resets:
-        scratch["pen"] = plgpu.SMEM((stages, TILE), f32)
+        # TMA writes shared memory at 128-byte aligned addresses: one 128-byte row per slot.
+        scratch["pen"] = plgpu.SMEM((stages, _PEN_ROW), f32)
     copies = len(lines) + 1 + int(cfg.has_resets)
     scratch["bars"] = plgpu.Barrier(num_arrivals=copies, num_barriers=stages)
     return scratch
@@ -182,7 +184,7 @@ def _fetch(cfg: _Config, ins: dict, scratch: dict, lines: list[str], b, cols, ti
         plgpu.copy_gmem_to_smem(ins[name].at[b, rows, cols], scratch[name].at[slot], bar)
     plgpu.copy_gmem_to_smem(ins["bc"].at[b, rows], scratch["bc"].at[slot], bar)
     if cfg.has_resets:
-        plgpu.copy_gmem_to_smem(ins["pen"].at[b, rows], scratch["pen"].at[slot], bar)
+        plgpu.copy_gmem_to_smem(ins["pen"].at[b, rows], scratch["pen"].at[slot, pl.ds(0, TILE)], bar)
 
 
 class _Token:
