@@ -17,17 +17,17 @@ needs_gpu_interpreter = pytest.mark.skipif(
 
 def small_inputs(seed, batch, length, channels, d_state):
     k = jax.random.split(jax.random.PRNGKey(seed), 9)
-    return dict(
-        u=jax.random.normal(k[0], (batch, length, channels)),
-        delta=jax.random.normal(k[1], (batch, length, channels)) - 1.0,
-        A=-jnp.exp(jax.random.normal(k[2], (channels, d_state)) * 0.5),
-        B=jax.random.normal(k[3], (batch, length, d_state)),
-        C=jax.random.normal(k[4], (batch, length, d_state)),
-        D=jax.random.normal(k[5], (channels,)),
-        z=jax.random.normal(k[6], (batch, length, channels)),
-        delta_bias=jax.random.normal(k[7], (channels,)) * 0.3,
-        initial_state=jax.random.normal(k[8], (batch, channels, d_state)),
-    )
+    return {
+        "u": jax.random.normal(k[0], (batch, length, channels)),
+        "delta": jax.random.normal(k[1], (batch, length, channels)) - 1.0,
+        "A": -jnp.exp(jax.random.normal(k[2], (channels, d_state)) * 0.5),
+        "B": jax.random.normal(k[3], (batch, length, d_state)),
+        "C": jax.random.normal(k[4], (batch, length, d_state)),
+        "D": jax.random.normal(k[5], (channels,)),
+        "z": jax.random.normal(k[6], (batch, length, channels)),
+        "delta_bias": jax.random.normal(k[7], (channels,)) * 0.3,
+        "initial_state": jax.random.normal(k[8], (batch, channels, d_state)),
+    }
 
 
 def test_mosaic_option_strings():

@@ -157,7 +157,9 @@ def _interpret_params():
     """Pallas' GPU interpreter (exported from jax 0.11; jax 0.10 has it unexported)."""
     params = getattr(plgpu, "InterpretGPUParams", None)
     if params is None:
-        from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams as params
+        from jax._src.pallas.mosaic_gpu.interpret.params import (
+            InterpretGPUParams as params,
+        )
     return params()
 
 
