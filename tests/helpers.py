@@ -66,3 +66,25 @@ def write_local_bpe_tokenizer(path: str | Path, vocab_size: int = 1000) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tokenizer.save(str(path))
     return path
+
+
+def scan_with_resets(u, delta, A, B, C, D, z, delta_bias, initial_state, resets):
+    """A softplus selective scan with document resets (bool (B, L)), gated, in fp32 as
+    `selective_scan`'s reference does, with the resets contract written out: the state entering a reset token is zeroed (so a
+    reset at position 0 drops the initial state), then the usual step."""
+    import jax  # the other helpers need no JAX
+    import jax.numpy as jnp
+
+    delta = jax.nn.softplus(delta.astype(jnp.float32) + delta_bias)
+    u32 = u.astype(jnp.float32)
+
+    def step(state, inputs):
+        u_t, delta_t, B_t, C_t, reset_t = inputs
+        state = jnp.where(reset_t[:, None, None], 0.0, state)
+        state = jnp.exp(delta_t[..., None] * A) * state + (delta_t * u_t)[..., None] * B_t[:, None, :]
+        return state, jnp.einsum("ben,bn->be", state, C_t)
+
+    time_major = [jnp.swapaxes(t, 0, 1) for t in (u32, delta, B.astype(jnp.float32), C.astype(jnp.float32), resets)]
+    final, y = jax.lax.scan(step, initial_state, time_major)
+    y = (jnp.swapaxes(y, 0, 1) + u32 * D) * jax.nn.silu(z.astype(jnp.float32))
+    return y.astype(u.dtype), final

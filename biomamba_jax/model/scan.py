@@ -25,6 +25,8 @@ an impl's options (`scan_options`), e.g. ``"pallas:fuse=delta"`` or ``"chunked:c
 - ``chunked`` (`scan_chunked`): the portable XLA path for CPU, TPU and older GPUs.
 - ``pallas`` (`scan_pallas`): fused GPU kernels, which also take the bias, softplus,
   D skip and gate.
+- ``mosaic`` (`scan_mosaic`): the same fusion as Pallas Mosaic GPU kernels, for Hopper
+  GPUs (compute capability 9.x), with document resets inside the kernels.
 - ``auto``: ``pallas`` on GPUs, ``chunked`` elsewhere.
 
 Masked positions (mask == 0) get delta = 0 and u = 0, so exp(0 * A) = 1 and the input
@@ -48,6 +50,7 @@ import jax.numpy as jnp
 from biomamba_jax.model.scan_chunked import chunked_scan
 from biomamba_jax.model.scan_math import (SCAN_RESIDUAL_NAMES, compose_affine, finish_output, prepare_delta, start_state,
                                           step_decay)
+from biomamba_jax.model.scan_mosaic import mosaic_selective_scan
 from biomamba_jax.model.scan_options import DEFAULT_SCAN_IMPL, ScanImpl, parse_scan_impl
 from biomamba_jax.model.scan_pallas import pallas_scan, pallas_selective_scan
 
@@ -107,7 +110,9 @@ SCAN_IMPLS: dict[str, Callable[..., tuple]] = {
 }
 # Impls that take `selective_scan`'s own arguments (bias, softplus, D, gate, mask, resets) in their
 # own dtypes and do that work themselves, instead of on fp32 copies made by XLA.
-FUSED_SCAN_IMPLS: dict[str, Callable[..., tuple]] = {"pallas": pallas_selective_scan}
+# "mosaic" runs on Hopper GPUs only, so it is not among the impls every platform runs.
+FUSED_SCAN_IMPLS: dict[str, Callable[..., tuple]] = {"pallas": pallas_selective_scan,
+                                                     "mosaic": mosaic_selective_scan}
 
 
 def resolve_scan_impl(impl: Union[str, ScanImpl]) -> ScanImpl:

@@ -13,7 +13,7 @@ import dataclasses
 import typing
 from typing import Optional, Union
 
-__all__ = ["ScanImpl", "ChunkedOptions", "PallasOptions", "NoOptions", "IMPL_OPTIONS", "AUTO_IMPL", "DEFAULT_SCAN_IMPL",
+__all__ = ["ScanImpl", "ChunkedOptions", "PallasOptions", "MosaicOptions", "NoOptions", "IMPL_OPTIONS", "AUTO_IMPL", "DEFAULT_SCAN_IMPL",
            "parse_scan_impl"]
 
 
@@ -55,11 +55,23 @@ class PallasOptions:
             raise ValueError(f"pallas scan option fuse={self.fuse!r}; choose auto, true, false or delta")
 
 
+@dataclasses.dataclass(frozen=True)
+class MosaicOptions:
+    """The public option of the Mosaic GPU kernels (Hopper); their tiling is fixed.
+
+    - approx_math: exp, log, softplus and sigmoid on the GPU's approximate ex2/lg2
+      instructions, as mamba_ssm's kernels are built (--use_fast_math).
+    """
+
+    approx_math: bool = True
+
+
 IMPL_OPTIONS: dict[str, type] = {
     "reference": NoOptions,
     "associative": NoOptions,
     "chunked": ChunkedOptions,
     "pallas": PallasOptions,
+    "mosaic": MosaicOptions,
 }
 # What "auto" runs on each backend platform: the Pallas kernels on GPUs, the portable XLA
 # scan elsewhere (benchmarks/HISTORY.md has the measurements behind both).

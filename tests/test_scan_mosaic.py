@@ -1,0 +1,93 @@
+"""The Mosaic GPU scan (impl "mosaic") on a CPU: its option, its errors, and its kernels'
+logic in Pallas' GPU interpreter (jax 0.11 or newer). The compiled kernels, warp shuffles
+included, are checked against the reference in tests/test_gpu_kernels.py on a Hopper GPU."""
+import jax
+import jax.numpy as jnp
+import pytest
+from helpers import rel_err, scan_with_resets
+
+from biomamba_jax.model.scan import resolve_scan_impl, selective_scan
+from biomamba_jax.model.scan_mosaic import mosaic_selective_scan
+from biomamba_jax.model.scan_options import MosaicOptions, ScanImpl, parse_scan_impl
+
+JAX_VERSION = tuple(int(p) for p in jax.__version__.split(".")[:2])
+needs_gpu_interpreter = pytest.mark.skipif(
+    JAX_VERSION < (0, 11), reason="Pallas' GPU interpreter runs these kernels from jax 0.11 on")
+
+
+def small_inputs(seed, batch, length, channels, d_state):
+    k = jax.random.split(jax.random.PRNGKey(seed), 9)
+    return {
+        "u": jax.random.normal(k[0], (batch, length, channels)),
+        "delta": jax.random.normal(k[1], (batch, length, channels)) - 1.0,
+        "A": -jnp.exp(jax.random.normal(k[2], (channels, d_state)) * 0.5),
+        "B": jax.random.normal(k[3], (batch, length, d_state)),
+        "C": jax.random.normal(k[4], (batch, length, d_state)),
+        "D": jax.random.normal(k[5], (channels,)),
+        "z": jax.random.normal(k[6], (batch, length, channels)),
+        "delta_bias": jax.random.normal(k[7], (channels,)) * 0.3,
+        "initial_state": jax.random.normal(k[8], (batch, channels, d_state)),
+    }
+
+
+def test_mosaic_option_strings():
+    assert parse_scan_impl("mosaic") == ScanImpl("mosaic", MosaicOptions(approx_math=True))
+    assert parse_scan_impl("mosaic:approx_math=false").options == MosaicOptions(approx_math=False)
+    assert str(parse_scan_impl("mosaic")) == "mosaic:approx_math=true"
+    assert resolve_scan_impl("mosaic:approx_math=false") == ScanImpl("mosaic", MosaicOptions(False))
+    with pytest.raises(ValueError, match=r"'mosaic' takes key=value options from \['approx_math'\]"):
+        parse_scan_impl("mosaic:fuse=true")
+
+
+@pytest.mark.skipif(jax.default_backend() == "gpu", reason="the error is for machines without a Hopper GPU")
+def test_mosaic_off_hopper_says_what_it_needs():
+    x = small_inputs(0, 1, 8, 4, 3)
+    with pytest.raises(ValueError, match="compute capability 9.0"):
+        selective_scan(**x, delta_softplus=True, impl="mosaic")
+
+
+def test_mosaic_names_the_largest_state_it_takes():
+    x = small_inputs(0, 1, 8, 4, 32)
+    with pytest.raises(ValueError, match="d_state up to 16.*got 32"):
+        selective_scan(**x, delta_softplus=True, impl="mosaic")
+
+
+def interpreted(x, **kwargs):
+    weights = jax.random.normal(jax.random.PRNGKey(1), x["u"].shape)
+
+    def loss(x, fn):
+        y, final = fn(x)
+        return jnp.sum(y * weights) + jnp.sum(final ** 2), (y, final)
+
+    return lambda fn: jax.value_and_grad(lambda x: loss(x, fn), has_aux=True)(x)
+
+
+@needs_gpu_interpreter
+@pytest.mark.parametrize("use_mask", [False, True])
+def test_mosaic_kernels_in_the_interpreter_match_reference(use_mask):
+    """A sequence that is not a whole number of tiles, padded channels and states."""
+    x = small_inputs(3, 1, 21, 100, 3)
+    mask = (jax.random.uniform(jax.random.PRNGKey(4), (1, 21)) > 0.3).astype(jnp.float32) if use_mask else None
+    run = interpreted(x)
+    mosaic = lambda x: mosaic_selective_scan(**x, delta_softplus=True, mask=mask, approx_math=False, _interpret=True)
+    reference = lambda x: selective_scan(**x, delta_softplus=True, mask=mask, return_final_state=True,
+                                         impl="reference")
+    (_, (y, final)), grads = run(mosaic)
+    (_, (y_ref, final_ref)), grads_ref = run(reference)
+    assert rel_err(y, y_ref) < 1e-5 and rel_err(final, final_ref) < 1e-5
+    for name in grads_ref:
+        assert rel_err(grads[name], grads_ref[name]) < 1e-5, name
+
+
+@needs_gpu_interpreter
+def test_mosaic_resets_in_the_interpreter_match_the_contract():
+    x = small_inputs(5, 2, 20, 128, 4)
+    resets = jnp.zeros((2, 20), bool).at[0, 0].set(True).at[0, 7].set(True).at[1, 16].set(True)
+    run = interpreted(x)
+    mosaic = lambda x: mosaic_selective_scan(**x, delta_softplus=True, resets=resets, approx_math=False,
+                                             _interpret=True)
+    (_, (y, final)), grads = run(mosaic)
+    (_, (y_ref, final_ref)), grads_ref = run(lambda x: scan_with_resets(**x, resets=resets))
+    assert rel_err(y, y_ref) < 1e-5 and rel_err(final, final_ref) < 1e-5
+    for name in grads_ref:
+        assert rel_err(grads[name], grads_ref[name]) < 1e-5, name
