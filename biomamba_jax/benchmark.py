@@ -94,7 +94,7 @@ def model_for(config: RunConfig, size: Optional[str] = None) -> MambaConfig:
 
 def _describe(model_config: MambaConfig) -> dict:
     return {"d_model": model_config.d_model, "layers": model_config.n_layer, "dtype": model_config.dtype,
-            "scan_impl": str(resolve_scan_impl(model_config.scan)), "remat": model_config.remat,
+            "scan_impl": str(resolve_scan_impl(model_config.scan, model_config.d_state)), "remat": model_config.remat,
             "scan_layers": model_config.scan_layers, "loss_impl": resolve_loss_impl(model_config.loss_impl),
             "reset_at_documents": model_config.reset_at_documents}
 
@@ -202,7 +202,7 @@ def time_scan(impl: str, batch: int, length: int, channels: int, d_state: int, *
     compiled, row = _compile(fn, inputs)
     times = _timed(lambda: compiled(inputs), warmup, repeats)
     row = {"workload": "scan", "mode": "fwd+bwd" if backward else "fwd", "shape": [batch, length, channels, d_state],
-           "scan_impl": str(resolve_scan_impl(impl)), "ms": round(statistics.median(times) * 1e3, 3),
+           "scan_impl": str(resolve_scan_impl(impl, d_state)), "ms": round(statistics.median(times) * 1e3, 3),
            "times_ms": [round(t * 1e3, 3) for t in times], **row, "peak_GiB": _process_peak_gib()}
     return _with_profile(row, lambda: compiled(inputs), profile)
 

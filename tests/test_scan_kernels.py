@@ -48,6 +48,18 @@ def test_impls_registered_and_auto_choices():
     assert AUTO_IMPL["cpu"] == "chunked"
     assert AUTO_IMPL["tpu"] == "chunked"
     assert AUTO_IMPL["gpu"] == "pallas"
+    assert AUTO_IMPL["gpu-hopper"] == "mosaic"
+
+
+@pytest.mark.parametrize("hopper,d_state,expected", [(True, 16, "mosaic"), (True, 5, "mosaic"), (True, 32, "pallas"),
+                                                     (False, 16, "pallas"), (True, None, "mosaic")])
+def test_auto_takes_the_mosaic_kernels_on_hopper_for_the_states_they_take(monkeypatch, hopper, d_state, expected):
+    from biomamba_jax.model import scan
+
+    monkeypatch.setattr(scan.jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(scan, "mosaic_device_reason", lambda: None if hopper else "needs compute capability 9.0")
+    assert scan.resolve_scan_impl("auto", d_state).name == expected
+    assert scan.resolve_scan_impl("pallas", d_state).name == "pallas"  # a named impl is never swapped
 
 
 @pytest.mark.parametrize("chunk", [1, 4, 7, 16, 64])

@@ -50,7 +50,9 @@ import jax.numpy as jnp
 from biomamba_jax.model.scan_chunked import chunked_scan
 from biomamba_jax.model.scan_math import (SCAN_RESIDUAL_NAMES, compose_affine, finish_output, prepare_delta, start_state,
                                           step_decay)
+from biomamba_jax.model.scan_mosaic import device_reason as mosaic_device_reason
 from biomamba_jax.model.scan_mosaic import mosaic_selective_scan
+from biomamba_jax.model.scan_mosaic import unsupported_reason as mosaic_unsupported_reason
 from biomamba_jax.model.scan_options import DEFAULT_SCAN_IMPL, ScanImpl, parse_scan_impl
 from biomamba_jax.model.scan_pallas import pallas_scan, pallas_selective_scan
 
@@ -115,10 +117,20 @@ FUSED_SCAN_IMPLS: dict[str, Callable[..., tuple]] = {"pallas": pallas_selective_
                                                      "mosaic": mosaic_selective_scan}
 
 
-def resolve_scan_impl(impl: Union[str, ScanImpl]) -> ScanImpl:
-    """The implementation an impl string runs on the default backend: "auto" resolved,
-    every option spelt out (`str()` of the result is what a run plan prints)."""
-    return parse_scan_impl(impl).resolve(jax.default_backend())
+def resolve_scan_impl(impl: Union[str, ScanImpl], d_state: Optional[int] = None) -> ScanImpl:
+    """The implementation an impl string runs on the default device, for states of `d_state`
+    (None: any the kernels take): "auto" resolved, every option spelt out (`str()` of the
+    result is what a run plan prints)."""
+    return parse_scan_impl(impl).resolve(_auto_platform(d_state))
+
+
+def _auto_platform(d_state: Optional[int]) -> str:
+    """The key of AUTO_IMPL for the default device: Hopper GPUs apart, where the Mosaic
+    kernels run (and take this d_state)."""
+    platform = jax.default_backend()
+    if platform == "gpu" and mosaic_device_reason() is None and (d_state is None or mosaic_unsupported_reason(d_state) is None):
+        return "gpu-hopper"
+    return platform
 
 
 def selective_scan(
@@ -158,7 +170,7 @@ def selective_scan(
         if resets.shape != (batch, length):
             raise ValueError(f"resets {resets.shape} must be (batch, length) = ({batch}, {length})")
         resets = resets.astype(bool)
-    scan = resolve_scan_impl(impl)
+    scan = resolve_scan_impl(impl, A.shape[-1])
     options = vars(scan.options)
     if scan.name in FUSED_SCAN_IMPLS:
         y, final_state = FUSED_SCAN_IMPLS[scan.name](

@@ -73,9 +73,10 @@ IMPL_OPTIONS: dict[str, type] = {
     "pallas": PallasOptions,
     "mosaic": MosaicOptions,
 }
-# What "auto" runs on each backend platform: the Pallas kernels on GPUs, the portable XLA
-# scan elsewhere (benchmarks/HISTORY.md has the measurements behind both).
-AUTO_IMPL = {"gpu": "pallas", "cpu": "chunked", "tpu": "chunked"}
+# What "auto" runs where: the Mosaic GPU kernels on Hopper GPUs (for the shapes they take),
+# the Pallas Triton kernels on other GPUs, the portable XLA scan elsewhere
+# (benchmarks/HISTORY.md has the measurements behind each).
+AUTO_IMPL = {"gpu-hopper": "mosaic", "gpu": "pallas", "cpu": "chunked", "tpu": "chunked"}
 # The default of `selective_scan` and of `MambaConfig.scan_impl`.
 DEFAULT_SCAN_IMPL = "auto"
 

@@ -250,7 +250,7 @@ class Trainer:
             f"parallel={self.layout.name}{' +fsdp' if c.parallel.fsdp else ''}",
             f"model        {n_params / 1e6:.1f}M params, d_model {self.model_config.d_model}, "
             f"{self.model_config.n_layer} layers, dtype {self.model_config.dtype}, "
-            f"scan {resolve_scan_impl(self.model_config.scan)}, remat {self.model_config.remat}, "
+            f"scan {resolve_scan_impl(self.model_config.scan, self.model_config.d_state)}, remat {self.model_config.remat}, "
             f"layers {'under one scan' if self.model_config.scan_layers else 'written out'}, "
             f"loss {_describe_loss(self.model_config)}, "
             f"packed documents {'run apart' if self.model_config.reset_at_documents else 'share the state'}",
