@@ -88,3 +88,20 @@ def scan_with_resets(u, delta, A, B, C, D, z, delta_bias, initial_state, resets)
     final, y = jax.lax.scan(step, initial_state, time_major)
     y = (jnp.swapaxes(y, 0, 1) + u32 * D) * jax.nn.silu(z.astype(jnp.float32))
     return y.astype(u.dtype), final
+
+
+def recurrence_inputs(seed: int, batch: int, length: int, channels: int, d_state: int) -> tuple:
+    """Random fp32 (u, delta, A, B, C, initial_state) for the recurrence impls in SCAN_IMPLS:
+    delta positive and mostly small, A negative, so the scan stays stable."""
+    import jax  # the other helpers need no JAX
+    import jax.numpy as jnp
+
+    k = jax.random.split(jax.random.PRNGKey(seed), 6)
+    return (
+        jax.random.normal(k[0], (batch, length, channels)),
+        jax.nn.softplus(jax.random.normal(k[1], (batch, length, channels)) - 1.0),
+        -jnp.exp(jax.random.normal(k[2], (channels, d_state)) * 0.5),
+        jax.random.normal(k[3], (batch, length, d_state)),
+        jax.random.normal(k[4], (batch, length, d_state)),
+        jax.random.normal(k[5], (batch, channels, d_state)),
+    )

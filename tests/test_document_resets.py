@@ -15,7 +15,7 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
-from helpers import rel_err
+from helpers import recurrence_inputs, rel_err
 
 from biomamba_jax.model import scan
 from biomamba_jax.model.config import ConfigError, MambaConfig
@@ -32,18 +32,6 @@ SEGMENTED = dict(chunk=4, block_e=8, bwd_block_e=4, segments=4, bwd_segments=2, 
 # (12, 24, and 24 is also the backward's one segment edge), inside a sum tile (31) and the
 # last step of a 45-step row (44).
 HAND_PLACED = (0, 3, 4, 5, 12, 24, 31, 44)
-
-
-def scan_inputs(seed, batch, length, channels, d_state):
-    k = jax.random.split(jax.random.PRNGKey(seed), 6)
-    return (
-        jax.random.normal(k[0], (batch, length, channels)),
-        jax.nn.softplus(jax.random.normal(k[1], (batch, length, channels)) - 1.0),
-        -jnp.exp(jax.random.normal(k[2], (channels, d_state)) * 0.5),
-        jax.random.normal(k[3], (batch, length, d_state)),
-        jax.random.normal(k[4], (batch, length, d_state)),
-        jax.random.normal(k[5], (batch, channels, d_state)),
-    )
 
 
 def packed_resets(length, seed=0):
@@ -86,7 +74,7 @@ def test_reference_with_resets_is_each_document_alone():
     """The definition every other impl is held to, with an initial state, a reset at
     position 0 in one row (which drops h0 and its gradient) and not in the other, and
     one-token documents."""
-    x = scan_inputs(0, 2, 45, 5, 3)
+    x = recurrence_inputs(0, 2, 45, 5, 3)
     resets = packed_resets(45)
     y, final = jax.jit(functools.partial(reference_scan, resets=resets))(*x)
     y_alone, final_alone = per_document_scan(x, resets)
@@ -111,7 +99,7 @@ SLOW_IMPLS = ("associative", "chunked-sequential", "pallas", "pallas-segmented")
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW_IMPLS else n for n in IMPLS])
 def test_every_impl_matches_reference_with_resets_values_and_grads(name):
     """L = 45 pads to whole chunks and segments; the padding must start no document."""
-    x = scan_inputs(1, 2, 45, 8, 4)
+    x = recurrence_inputs(1, 2, 45, 8, 4)
     resets = packed_resets(45)
     w = jax.random.normal(jax.random.PRNGKey(9), x[0].shape)
 
@@ -193,7 +181,7 @@ def test_without_resets_the_kernels_take_no_resets_input(monkeypatch):
         return call(kernel, out_shape, grid, plan, num_warps, args)
 
     monkeypatch.setattr(scan_pallas, "_call", counting_call)
-    x = scan_inputs(6, 1, 32, 8, 4)
+    x = recurrence_inputs(6, 1, 32, 8, 4)
     def loss(resets, *args):
         return jnp.sum(pallas_scan(*args, resets=resets, _tiling_overrides=SEGMENTED)[0] ** 2)
 
@@ -207,7 +195,7 @@ def test_without_resets_the_kernels_take_no_resets_input(monkeypatch):
 def test_kernels_with_resets_lower_for_cuda():
     """The four kernels with resets (scalar per-step loads, reset counts in the segment
     sums) go through the Triton lowering, which the interpreter does not exercise."""
-    x = scan_inputs(0, 1, 64, 16, 16)
+    x = recurrence_inputs(0, 1, 64, 16, 16)
     resets = jnp.zeros((1, 64), bool).at[0, 5].set(True)
     scan_fn = functools.partial(pallas_scan, resets=resets, interpret=False, _tiling_overrides=dict(segments=2))
     loss = lambda *a: jnp.sum(scan_fn(*a)[0] ** 2)

@@ -6,24 +6,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helpers import rel_err
+from helpers import recurrence_inputs, rel_err
 
 from biomamba_jax.model.scan import SCAN_IMPLS, reference_scan
 from biomamba_jax.model.scan_chunked import chunked_scan
 from biomamba_jax.model.scan_options import AUTO_IMPL, PallasOptions
 from biomamba_jax.model.scan_pallas import pallas_scan, pallas_selective_scan
-
-
-def inputs(seed, batch, length, channels, d_state):
-    k = jax.random.split(jax.random.PRNGKey(seed), 6)
-    return (
-        jax.random.normal(k[0], (batch, length, channels)),
-        jax.nn.softplus(jax.random.normal(k[1], (batch, length, channels)) - 1.0),
-        -jnp.exp(jax.random.normal(k[2], (channels, d_state)) * 0.5),
-        jax.random.normal(k[3], (batch, length, d_state)),
-        jax.random.normal(k[4], (batch, length, d_state)),
-        jax.random.normal(k[5], (batch, channels, d_state)),
-    )
 
 
 def assert_matches_reference(fn, x, grads=True):
@@ -65,18 +53,18 @@ def test_auto_takes_the_mosaic_kernels_on_hopper_for_the_states_they_take(monkey
 @pytest.mark.parametrize("chunk", [1, 4, 7, 16, 64])
 def test_chunked_any_chunk_size_values(chunk):
     """Chunk 1, a divisor, a non-divisor (padding) and chunk > L (one chunk)."""
-    x = inputs(chunk, 2, 20, 5, 3)
+    x = recurrence_inputs(chunk, 2, 20, 5, 3)
     assert_matches_reference(functools.partial(chunked_scan, chunk=chunk), x, grads=False)
 
 
 @pytest.mark.parametrize("inner", [pytest.param("associative", marks=pytest.mark.slow), "sequential"])
 def test_chunked_grads_with_padding(inner):
-    x = inputs(1, 2, 19, 6, 4)
+    x = recurrence_inputs(1, 2, 19, 6, 4)
     assert_matches_reference(functools.partial(chunked_scan, chunk=8, inner=inner), x)
 
 
 def test_chunked_without_initial_state():
-    x = inputs(3, 1, 10, 3, 2)[:5] + (None,)
+    x = recurrence_inputs(3, 1, 10, 3, 2)[:5] + (None,)
     y, final = chunked_scan(*x, chunk=4)
     y_ref, final_ref = reference_scan(*x)
     assert rel_err(y, y_ref) < 1e-5 and rel_err(final, final_ref) < 1e-5
@@ -84,7 +72,7 @@ def test_chunked_without_initial_state():
 
 def test_chunked_rejects_unknown_inner():
     with pytest.raises(ValueError, match="inner must be"):
-        chunked_scan(*inputs(0, 1, 4, 2, 2), inner="magic")
+        chunked_scan(*recurrence_inputs(0, 1, 4, 2, 2), inner="magic")
 
 
 @pytest.mark.parametrize(
@@ -97,7 +85,7 @@ def test_chunked_rejects_unknown_inner():
     ],
 )
 def test_pallas_interpret_values_and_grads(shape, options):
-    assert_matches_reference(functools.partial(pallas_scan, _tiling_overrides=options), inputs(sum(shape), *shape))
+    assert_matches_reference(functools.partial(pallas_scan, _tiling_overrides=options), recurrence_inputs(sum(shape), *shape))
 
 
 # A tiling and segment rule small enough for the interpreter that short sequences split.
@@ -189,7 +177,7 @@ def test_pallas_segmented_values_and_grads(batch, length):
     """Segments: zero-state pass (a sum over each segment's steps), XLA composition, second
     pass; the adjoint likewise."""
     assert_matches_reference(functools.partial(pallas_scan, _tiling_overrides=SEGMENTED),
-                             inputs(length, batch, length, 12, 4))
+                             recurrence_inputs(length, batch, length, 12, 4))
 
 
 @pytest.mark.parametrize("length,segments,tile,used", [
@@ -201,7 +189,7 @@ def test_segment_sums_match_the_recurrence_for_any_tile(length, segments, tile, 
     exp(A * delta summed) spans many orders of magnitude."""
     from biomamba_jax.model.scan_pallas import _Fusion, _Plan, _sum_tile
 
-    x = list(inputs(11, 1, length, 12, 4))
+    x = list(recurrence_inputs(11, 1, length, 12, 4))
     x[1] = x[1] * 4.0
     overrides = dict(SEGMENTED, sum_tile=tile, segments=segments, bwd_segments=segments)
     assert_matches_reference(functools.partial(pallas_scan, _tiling_overrides=overrides), tuple(x))
@@ -216,7 +204,7 @@ def test_pallas_forward_and_backward_segment_independently(segments, bwd_segment
     """The forward saves the state at every chunk start, so the backward may split the
     sequence differently (fewer programs per pass, no adjoint pass when it does not split)."""
     overrides = dict(SEGMENTED, segments=segments, bwd_segments=bwd_segments)
-    assert_matches_reference(functools.partial(pallas_scan, _tiling_overrides=overrides), inputs(3, 2, 70, 12, 4))
+    assert_matches_reference(functools.partial(pallas_scan, _tiling_overrides=overrides), recurrence_inputs(3, 2, 70, 12, 4))
     from biomamba_jax.model.scan_pallas import _tiling
 
     tiling = _tiling(2, 70, 12, PallasOptions(), overrides)
@@ -338,7 +326,7 @@ def test_pallas_picks_interpret_off_gpu():
 
 @pytest.mark.slow
 def test_pallas_longer_sequence_many_chunks():
-    x = inputs(4, 2, 200, 40, 16)
+    x = recurrence_inputs(4, 2, 200, 40, 16)
     assert_matches_reference(functools.partial(pallas_scan, _tiling_overrides=dict(chunk=8, block_e=16)), x)
 
 
@@ -350,7 +338,7 @@ def test_fuse_false_leaves_bias_softplus_skip_and_gate_to_xla(monkeypatch):
     calls = []
     run = scan_pallas._run
     monkeypatch.setattr(scan_pallas, "_run", lambda *a, **k: calls.append(a) or run(*a, **k))
-    x = inputs(0, 1, 6, 4, 2)
+    x = recurrence_inputs(0, 1, 6, 4, 2)
     extras = dict(D=jnp.ones(4), z=x[0], delta_bias=jnp.zeros(4), delta_softplus=True)
     for fuse in ("false", "delta", "true"):
         selective_scan(*x[:5], **extras, impl=f"pallas:fuse={fuse}")
@@ -368,7 +356,7 @@ def test_fuse_false_leaves_bias_softplus_skip_and_gate_to_xla(monkeypatch):
 def test_backward_partials_take_the_dtype_of_b_and_c():
     """The backward writes its per-channel-block dB and dC partial sums in B's and C's own
     dtype (half the bytes in bf16 training), and sums them in fp32."""
-    x = inputs(4, 1, 16, 8, 4)
+    x = recurrence_inputs(4, 1, 16, 8, 4)
     bf16 = lambda t: t.astype(jnp.bfloat16)
     args = (bf16(x[0]), x[1], x[2], bf16(x[3]), bf16(x[4]), x[5])
     w = jax.random.normal(jax.random.PRNGKey(2), (1, 16, 8))
@@ -464,7 +452,7 @@ def test_fuse_delta_puts_only_bias_and_softplus_in_the_kernels(monkeypatch):
     fusions = []
     run = scan_pallas._run
     monkeypatch.setattr(scan_pallas, "_run", lambda *a, **k: fusions.append((a[6:9], a[9])) or run(*a, **k))
-    x = inputs(0, 1, 6, 4, 2)
+    x = recurrence_inputs(0, 1, 6, 4, 2)
     extras = dict(D=jnp.ones(4), z=x[0], delta_bias=jnp.zeros(4), delta_softplus=True)
     for fuse in ("delta", "true"):
         selective_scan(*x[:5], **extras, impl=f"pallas:fuse={fuse}")
@@ -482,7 +470,7 @@ def test_gpu_kernels_take_the_approximate_exp_unless_told_not_to(options, approx
     computes exactly: every other Pallas test here runs it with the default, true.)"""
     from biomamba_jax.model.scan import selective_scan
 
-    x = inputs(0, 1, 64, 16, 16)
+    x = recurrence_inputs(0, 1, 64, 16, 16)
     extras = dict(delta_bias=jnp.zeros(16), delta_softplus=True)
     pallas_tiling(segments=2)
     for fuse in ("false", "delta", "true"):
@@ -507,7 +495,7 @@ def test_forward_kernels_read_b_and_c_in_fp32_and_the_backward_in_their_dtype(mo
     call = scan_pallas._call
     monkeypatch.setattr(scan_pallas, "_call", lambda kernel, out, grid, plan, warps, args: seen.append(
         (kernel.func.__name__, [a.dtype for a in args[:5]])) or call(kernel, out, grid, plan, warps, args))
-    x = inputs(6, 1, 32, 8, 4)
+    x = recurrence_inputs(6, 1, 32, 8, 4)
     bf16 = lambda t: t.astype(jnp.bfloat16)
     args = (bf16(x[0]), x[1], x[2], bf16(x[3]), bf16(x[4]), x[5])
     loss = lambda *a: jnp.sum(pallas_scan(*a, _tiling_overrides=SEGMENTED)[0].astype(jnp.float32) ** 2)
@@ -543,7 +531,7 @@ def test_segment_decays_come_from_the_pass_one_kernels_not_a_second_read_of_delt
     """The segment sum kernels write each segment's delta total; XLA used to sum the fp32
     (B, L, E) delta once more for the segment decays, forward and backward."""
     batch, length, channels = 1, 64, 8
-    x = inputs(2, batch, length, channels, 4)
+    x = recurrence_inputs(2, batch, length, channels, 4)
     scan = functools.partial(pallas_scan, _tiling_overrides=dict(SEGMENTED, segments=4, bwd_segments=4))
 
     def loss(*a):  # no (B, L, E) reduction of its own: the last step's y and the final state
@@ -567,7 +555,7 @@ def test_default_fuses_the_delta_only_where_the_sequence_is_split(monkeypatch, p
     fusions = []
     run = scan_pallas._run
     monkeypatch.setattr(scan_pallas, "_run", lambda *a, **k: fusions.append(a[9]) or run(*a, **k))
-    x = inputs(0, 1, length, 8, 2)
+    x = recurrence_inputs(0, 1, length, 8, 2)
     extras = dict(D=jnp.ones(8), z=x[0], delta_bias=jnp.zeros(8), delta_softplus=True)
     pallas_tiling(**SEGMENTED)
     selective_scan(*x[:5], **extras, impl="pallas")
