@@ -45,7 +45,7 @@ def test_auto_takes_the_mosaic_kernels_on_hopper_for_the_states_they_take(monkey
     from biomamba_jax.model import scan
 
     monkeypatch.setattr(scan.jax, "default_backend", lambda: "gpu")
-    monkeypatch.setattr(scan, "mosaic_device_reason", lambda: None if hopper else "needs compute capability 9.0")
+    monkeypatch.setattr(scan, "_on_hopper", lambda: hopper)
     assert scan.resolve_scan_impl("auto", d_state).name == expected
     assert scan.resolve_scan_impl("pallas", d_state).name == "pallas"  # a named impl is never swapped
 

@@ -27,7 +27,8 @@ an impl's options (`scan_options`), e.g. ``"pallas:fuse=delta"`` or ``"chunked:c
   D skip and gate.
 - ``mosaic`` (`scan_mosaic`): the same fusion as Pallas Mosaic GPU kernels, for Hopper
   GPUs (compute capability 9.x), with document resets inside the kernels.
-- ``auto``: ``pallas`` on GPUs, ``chunked`` elsewhere.
+- ``auto``: ``mosaic`` on Hopper GPUs (d_state up to 16), ``pallas`` on other GPUs,
+  ``chunked`` elsewhere.
 
 Masked positions (mask == 0) get delta = 0 and u = 0, so exp(0 * A) = 1 and the input
 term vanishes: the state passes through unchanged. That is what makes a left-padded row
@@ -50,7 +51,6 @@ import jax.numpy as jnp
 from biomamba_jax.model.scan_chunked import chunked_scan
 from biomamba_jax.model.scan_math import (SCAN_RESIDUAL_NAMES, compose_affine, finish_output, prepare_delta, start_state,
                                           step_decay)
-from biomamba_jax.model.scan_mosaic import device_reason as mosaic_device_reason
 from biomamba_jax.model.scan_mosaic import mosaic_selective_scan
 from biomamba_jax.model.scan_mosaic import unsupported_reason as mosaic_unsupported_reason
 from biomamba_jax.model.scan_options import DEFAULT_SCAN_IMPL, ScanImpl, parse_scan_impl
@@ -126,11 +126,17 @@ def resolve_scan_impl(impl: Union[str, ScanImpl], d_state: Optional[int] = None)
 
 def _auto_platform(d_state: Optional[int]) -> str:
     """The key of AUTO_IMPL for the default device: Hopper GPUs apart, where the Mosaic
-    kernels run (and take this d_state)."""
+    kernels run (when they take this d_state)."""
     platform = jax.default_backend()
-    if platform == "gpu" and mosaic_device_reason() is None and (d_state is None or mosaic_unsupported_reason(d_state) is None):
+    if platform == "gpu" and _on_hopper() and (d_state is None or mosaic_unsupported_reason(d_state) is None):
         return "gpu-hopper"
     return platform
+
+
+def _on_hopper() -> bool:
+    # Compute capability 9.x only: the Mosaic kernels also compile for newer GPUs, but they
+    # were tested and measured on Hopper, so "auto" does not pick them elsewhere.
+    return str(getattr(jax.devices()[0], "compute_capability", "") or "").startswith("9")
 
 
 def selective_scan(
