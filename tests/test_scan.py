@@ -45,7 +45,7 @@ def _impl_cases():
                 yield pytest.param(impl, shape, use_mask, marks=[pytest.mark.slow] if slow else [])
 
 
-@pytest.mark.parametrize("impl,shape,use_mask", _impl_cases())
+@pytest.mark.parametrize("impl,shape,use_mask", list(_impl_cases()))
 def test_impl_matches_reference_values_and_grads(impl, shape, use_mask):
     x = random_inputs(sum(shape), *shape)
     mask = None
