@@ -136,7 +136,7 @@ def time_prefill(model_config: MambaConfig, length: int, *, batch: int = 1, warm
 
     @jax.jit
     def prefill(state, ids):
-        logits, cache = nnx.merge(graphdef, state).prefill(ids)
+        logits, cache = nnx.merge(graphdef, state).prefill(ids, last_logits_only=True)
         return logits[:, -1], cache
 
     ids = _random_tokens(2, (batch, length), model_config.vocab_size)

@@ -64,7 +64,7 @@ def stream_complete(generator: Generator, prompt: str, *, max_new_tokens: int = 
 
     @jax.jit
     def prefill(state, ids):
-        return nnx.merge(graphdef, state).prefill(ids)
+        return nnx.merge(graphdef, state).prefill(ids, last_logits_only=True)
 
     @jax.jit
     def step(state, token, cache, rng):

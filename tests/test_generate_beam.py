@@ -108,3 +108,25 @@ def test_precast_weights_and_unrolled_layers_give_identical_bf16_steps():
         np.testing.assert_array_equal(np.asarray(new_cache.ssm_state), np.asarray(reference_cache.ssm_state))
         np.testing.assert_array_equal(np.asarray(new_cache.conv_state, np.float32),
                                       np.asarray(reference_cache.conv_state, np.float32))
+
+
+def test_prefill_of_the_last_logits_only_matches_and_needs_far_less_memory():
+    """What generation and beam search prefill with: the last position's logits, equal to the
+    full prefill's, without the (B, L, V) logits that dominate a long prompt's memory."""
+    config = MambaConfig.preset("tiny", vocab_size=4096, dtype="float32", scan_impl="chunked", remat="none")
+    graphdef, state = nnx.split(MambaLM(config, rngs=nnx.Rngs(0)))
+    ids = jnp.asarray(np.random.RandomState(0).randint(0, 4096, (1, 1024)))
+    prefills = {last: jax.jit(lambda s, i, last=last: nnx.merge(graphdef, s).prefill(i, last_logits_only=last))
+                for last in (False, True)}
+    (full, full_cache), (last, last_cache) = prefills[False](state, ids), prefills[True](state, ids)
+    assert last.shape == (1, 1, 4096)
+    np.testing.assert_allclose(last[:, 0], full[:, -1], rtol=1e-6, atol=1e-6)
+    for a, b in zip(jax.tree.leaves(full_cache), jax.tree.leaves(last_cache)):
+        np.testing.assert_array_equal(a, b)
+
+    def footprint(fn):
+        memory = fn.lower(state, ids).compile().memory_analysis()
+        return memory.temp_size_in_bytes + memory.output_size_in_bytes
+
+    full_logits_bytes = 1024 * 4096 * 4
+    assert footprint(prefills[True]) < footprint(prefills[False]) - full_logits_bytes * 0.9

@@ -35,7 +35,7 @@ class BeamOutput(NamedTuple):
 def _beam_search_jit(graphdef, state, input_ids, attention_mask, stop_mask, *, num_beams,
                      max_new_tokens, pad_token_id):
     model = nnx.merge(graphdef, state)
-    logits, cache = model.prefill(input_ids, attention_mask)
+    logits, cache = model.prefill(input_ids, attention_mask, last_logits_only=True)
     step_model, weights = decode_model(graphdef, state, jnp.dtype(model.config.dtype))
     batch, beams = input_ids.shape[0], num_beams
     vocab = logits.shape[-1]

@@ -93,7 +93,7 @@ def decode_model(graphdef, state, dtype):
 def _generate_jit(graphdef, state, input_ids, attention_mask, rng, *, max_new_tokens,
                   temperature, top_k, top_p, eos_token_id, pad_token_id, unroll_layers):
     model = nnx.merge(graphdef, state)
-    logits, cache = model.prefill(input_ids, attention_mask)
+    logits, cache = model.prefill(input_ids, attention_mask, last_logits_only=True)
     step_model, weights = decode_model(graphdef, state, jnp.dtype(model.config.dtype))
     batch = input_ids.shape[0]
     tokens = jnp.full((batch, max_new_tokens), pad_token_id, jnp.int32)

@@ -332,11 +332,15 @@ class MambaLM(nnx.Module):
             return self.embedding.embedding[...]
         return self.lm_head.kernel[...].T
 
-    def prefill(self, input_ids, attention_mask=None):
-        """Parallel forward over a (left-padded) prompt; returns (logits, MambaCache)."""
+    def prefill(self, input_ids, attention_mask=None, *, last_logits_only: bool = False):
+        """Parallel forward over a (left-padded) prompt; returns (logits, MambaCache).
+
+        `last_logits_only` returns the logits of the last position alone, (B, 1, V): all a
+        decode loop reads, and for a long prompt the full (B, L, V) logits are by far the
+        largest buffer (and matmul) of the prefill."""
         hidden = self.embedding(input_ids)
         hidden, (conv_state, ssm_state) = self._run_layers(hidden, attention_mask, return_cache=True)
-        return self._logits(hidden), MambaCache(conv_state, ssm_state)
+        return self._logits(hidden[:, -1:] if last_logits_only else hidden), MambaCache(conv_state, ssm_state)
 
     def step(self, token_ids, cache: MambaCache, *, unroll_layers: bool = True,
              weights: "DecodeWeights | None" = None):
