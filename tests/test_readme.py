@@ -18,3 +18,8 @@ def test_readme_first_lines_are_the_setup_commands():
     assert any('pip install -e ".[dev]"' in line for line in head)
     assert any("python scripts/pretrain.py --preset smoke" in line for line in head)
     assert any(line.startswith("pytest") for line in head)
+
+
+def test_readme_stays_short():
+    # Under 12,000 characters: install, use and results first; the history lives in benchmarks/.
+    assert len(README.read_text()) < 12_000
