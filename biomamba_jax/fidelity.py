@@ -19,6 +19,7 @@ imported inside the torch functions only, so this module imports without it.
 
 from __future__ import annotations
 
+import itertools
 import math
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -65,13 +66,9 @@ def pubmed_token_batches(data_dir, steps: int, batch: int, length: int, seed: in
     builds its model with `reset_at_documents=False`)."""
     from biomamba_jax.data.loader import make_lm_loader
 
+    # Endless, as in pretraining: a run longer than an epoch goes on into the next one.
     loader = make_lm_loader(data_dir, "train", length, batch, seed=seed, process_index=0, process_count=1)
-    rows = []
-    for arrays in loader:
-        rows.append(np.asarray(arrays["tokens"], np.int32))
-        if len(rows) == steps:
-            return np.stack(rows)
-    raise ValueError(f"{data_dir} holds {len(rows)} batches of {batch} x {length + 1} tokens, fewer than {steps}")
+    return np.stack([np.asarray(arrays["tokens"], np.int32) for arrays in itertools.islice(loader, steps)])
 
 
 # ------------------------------------------------------------------------------ JAX
@@ -102,6 +99,11 @@ def jax_losses(config: MambaConfig, params: dict, batches: np.ndarray, optim: Op
 # ---------------------------------------------------------------------------- torch
 def export_start(config: MambaConfig, params: dict, directory, torch_impl: str) -> Path:
     """Write the shared start for `torch_impl` with the project's exporter."""
+    multiple = config.pad_vocab_size_multiple
+    if torch_impl == "mamba_ssm" and config.vocab_size % multiple:
+        # The mamba_ssm export pads the vocabulary, and the padded rows' logits would
+        # enter the torch softmax only: the losses would differ by construction.
+        raise ValueError(f"vocab_size={config.vocab_size} is not a multiple of {multiple}; mamba_ssm would pad it")
     writer = {"transformers": export_hf, "mamba_ssm": export_mamba_ssm}[torch_impl]
     return writer(params, config, directory, overwrite=True)
 

@@ -79,6 +79,10 @@ def main(argv=None) -> int:
         batches = fidelity.pubmed_token_batches(args.data_dir, args.steps, args.batch, args.length, args.seed)
     else:
         batches = fidelity.random_token_batches(args.steps, args.batch, args.length, config.vocab_size, args.seed)
+    if batches.max() >= config.vocab_size:
+        print(f"error: token id {batches.max()} of {args.data_dir} is outside the model's vocabulary "
+              f"({config.vocab_size}); pass a larger --vocab-size or --size", file=sys.stderr)
+        return 2
 
     def progress(name):
         bar = tqdm(total=args.steps, desc=name, unit="step")

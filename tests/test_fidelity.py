@@ -1,8 +1,7 @@
 """The training-fidelity tool (issue 18): JAX and transformers train alike in fp32 on the CPU."""
 import dataclasses
+import importlib.util
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import jax
@@ -94,14 +93,31 @@ def test_compare_curves_skips_early_steps():
 
 
 def test_cli_writes_results_and_plot(tmp_path):
+    # In process: a subprocess would spend longer importing jax and torch than training.
+    spec = importlib.util.spec_from_file_location("fidelity_script", ROOT / "scripts" / "fidelity.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
     out = tmp_path / "run"
-    command = [sys.executable, str(ROOT / "scripts" / "fidelity.py"), "--size", "tiny", "--vocab-size", str(VOCAB),
-               "--steps", "3", "--batch", "1", "--length", "16", "--warmup", "1", "--scan-impl", "reference",
-               "--torch-impl", "transformers", "--out", str(out)]
-    env = {**__import__("os").environ, "PYTHONPATH": str(ROOT)}
-    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert script.main(["--size", "tiny", "--vocab-size", str(VOCAB), "--steps", "3", "--batch", "1", "--length",
+                        "16", "--warmup", "1", "--scan-impl", "reference", "--torch-impl", "transformers",
+                        "--out", str(out)]) == 0
     results = json.loads((out / "results.json").read_text())
     assert len(results["jax"]["loss"]) == len(results["torch"]["loss"]) == 3
     assert results["comparison"]["max_rel_diff"] < 1e-4
     assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "start-transformers" / "config.json").is_file()
+
+
+def test_pubmed_batches_are_the_loaders_rows_in_order(tmp_path, tokenizer_path):
+    from biomamba_jax.data.loader import make_lm_loader
+    from biomamba_jax.data.pubmed import prepare_pubmed
+    from biomamba_jax.data.synthetic import write_synthetic_pubmed
+
+    corpus = write_synthetic_pubmed(tmp_path / "xml", n_files=1, docs_per_file=30, seed=3)
+    prepare_pubmed(corpus, tmp_path / "data", tokenizer=tokenizer_path, val_fraction=0.2, progress=False,
+                   command="test")
+    batches = fidelity.pubmed_token_batches(tmp_path / "data", 3, BATCH, 15, seed=5)
+    assert batches.shape == (3, BATCH, 16) and batches.dtype == np.int32
+    loader = make_lm_loader(tmp_path / "data", "train", 15, BATCH, seed=5, process_index=0, process_count=1)
+    for expected, got in zip(loader, batches):
+        np.testing.assert_array_equal(expected["tokens"], got)
