@@ -53,10 +53,17 @@ def random_start(size: str, seed: int = 0, **config_overrides) -> tuple[MambaCon
     return config, model_params(MambaLM(config, rngs=nnx.Rngs(seed)))
 
 
-def random_token_batches(steps: int, batch: int, length: int, vocab_size: int, seed: int = 0) -> np.ndarray:
+def random_token_batches(steps: int, batch: int, length: int, vocab_size: int, seed: int = 0,
+                         distinct: Optional[int] = None) -> np.ndarray:
     """(steps, batch, length + 1) int32 tokens uniform in [0, vocab_size): inputs are
-    `[:, :-1]` of a row and targets `[:, 1:]`, as the train step reads them."""
-    return np.random.default_rng(seed).integers(0, vocab_size, (steps, batch, length + 1), dtype=np.int32)
+    `[:, :-1]` of a row and targets `[:, 1:]`, as the train step reads them.
+
+    Uniform tokens cannot be learnt beyond their unigram entropy, so a curve of fresh
+    batches flattens at once; `distinct` cycles through that many batches instead (1: the
+    model memorises one batch and the loss keeps falling)."""
+    drawn = np.random.default_rng(seed).integers(0, vocab_size, (distinct or steps, batch, length + 1),
+                                                 dtype=np.int32)
+    return drawn[np.arange(steps) % len(drawn)]
 
 
 def pubmed_token_batches(data_dir, steps: int, batch: int, length: int, seed: int = 0) -> np.ndarray:
@@ -78,7 +85,8 @@ def jax_losses(config: MambaConfig, params: dict, batches: np.ndarray, optim: Op
     spans exactly those steps) from `params`; per-step `loss` and `grad_norm` (before the
     clip), each measured on the params before that step's update."""
     model = model_from_params(config, params)
-    graphdef, start = nnx.graphdef(model), model_params(model)
+    # A copy: the step donates its state, which would otherwise delete the caller's arrays.
+    graphdef, start = nnx.graphdef(model), jax.tree.map(jnp.copy, model_params(model))
     optimizer = make_optimizer(optim, total_steps=len(batches))
     state = TrainState(start, optimizer.init(start), jnp.int32(0))
     step = jax.jit(make_train_step(graphdef, optimizer), donate_argnums=(0,))

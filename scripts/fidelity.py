@@ -21,17 +21,23 @@ import argparse
 import dataclasses
 import datetime
 import json
+import os
 import sys
 import tempfile
+import time
 from pathlib import Path
 
-import jax
-from tqdm import tqdm
+# Both frameworks share one GPU here: JAX must not take 75% of its memory at start-up,
+# which it does by default, or torch runs out.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
-from biomamba_jax import fidelity
-from biomamba_jax.files import write_text_atomic
-from biomamba_jax.model.config import ConfigError, PRESETS
-from biomamba_jax.training.config import RunConfigError, list_presets, load_run_config
+import jax  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from biomamba_jax import fidelity  # noqa: E402
+from biomamba_jax.files import write_text_atomic  # noqa: E402
+from biomamba_jax.model.config import ConfigError, PRESETS  # noqa: E402
+from biomamba_jax.training.config import RunConfigError, list_presets, load_run_config  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -47,6 +53,9 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=None, help="peak lr instead of the preset's")
     p.add_argument("--warmup", type=int, default=None, help="warmup steps instead of the preset's")
     p.add_argument("--data-dir", default=None, help="prepared PubMed dir to take rows from (default: random tokens)")
+    p.add_argument("--distinct-batches", type=int, default=None, metavar="N",
+                   help="random tokens only: cycle through N batches (1 = memorise one; uniform tokens are "
+                        "otherwise unlearnable and the curve is flat). Default: every batch fresh")
     p.add_argument("--torch-impl", choices=fidelity.TORCH_IMPLS, default="auto",
                    help="PyTorch model: transformers, mamba_ssm, or auto = mamba_ssm where it imports "
                         "(default: %(default)s)")
@@ -57,6 +66,16 @@ def parse_args(argv=None):
     p.add_argument("--skip-steps", type=int, default=0, help="leave the first steps out of the comparison")
     p.add_argument("--out", default=None, help="output folder for results.json, curves.png and the start")
     return p.parse_args(argv)
+
+
+def release_torch_memory() -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def main(argv=None) -> int:
@@ -78,7 +97,8 @@ def main(argv=None) -> int:
     if args.data_dir:
         batches = fidelity.pubmed_token_batches(args.data_dir, args.steps, args.batch, args.length, args.seed)
     else:
-        batches = fidelity.random_token_batches(args.steps, args.batch, args.length, config.vocab_size, args.seed)
+        batches = fidelity.random_token_batches(args.steps, args.batch, args.length, config.vocab_size, args.seed,
+                                                distinct=args.distinct_batches)
     if batches.max() >= config.vocab_size:
         print(f"error: token id {batches.max()} of {args.data_dir} is outside the model's vocabulary "
               f"({config.vocab_size}); pass a larger --vocab-size or --size", file=sys.stderr)
@@ -96,12 +116,19 @@ def main(argv=None) -> int:
     out = Path(args.out) if args.out else None
     with tempfile.TemporaryDirectory(prefix="biomamba-fidelity-") as scratch:
         start_dir = fidelity.export_start(config, params, (out or Path(scratch)) / f"start-{torch_impl}", torch_impl)
-        bar, on_step = progress("jax")
-        jax_curves = fidelity.jax_losses(config, params, batches, optim, on_step=on_step)
-        bar.close()
+        # Torch first: its cached GPU memory can be handed back before JAX's step needs it.
+        seconds = {}
         bar, on_step = progress(torch_impl)
+        began = time.perf_counter()
         torch_curves = fidelity.torch_losses(start_dir, batches, optim, torch_impl=torch_impl, dtype=args.dtype,
                                              device=args.torch_device, on_step=on_step)
+        seconds["torch"] = round(time.perf_counter() - began, 1)
+        bar.close()
+        release_torch_memory()
+        bar, on_step = progress("jax")
+        began = time.perf_counter()
+        jax_curves = fidelity.jax_losses(config, params, batches, optim, on_step=on_step)
+        seconds["jax"] = round(time.perf_counter() - began, 1)
         bar.close()
     comparison = fidelity.compare_curves(torch_curves["loss"], jax_curves["loss"], args.skip_steps)
     print(f"{args.steps} steps, {args.dtype}, jax vs {torch_impl}: loss max rel diff "
@@ -111,7 +138,8 @@ def main(argv=None) -> int:
         settings = {k: v for k, v in vars(args).items() if k != "out"}
         results = {"meta": {"command": " ".join(["python"] + sys.argv),
                             "date": datetime.datetime.now().isoformat(timespec="seconds"),
-                            "jax_backend": jax.default_backend(), "torch_impl": torch_impl},
+                            "jax_backend": jax.default_backend(), "torch_impl": torch_impl,
+                            "seconds_with_compilation": seconds},
                    "settings": settings, "optim": dataclasses.asdict(optim), "model": config.to_dict(),
                    "jax": jax_curves, "torch": torch_curves,
                    "comparison": {"reference": "torch", **comparison}}
