@@ -208,7 +208,9 @@ def torch_losses(directory, batches: np.ndarray, optim: OptimSection, *, torch_i
 # ----------------------------------------------------------------------- comparison
 def compare_curves(reference: Sequence[float], candidate: Sequence[float], skip_steps: int = 0) -> dict:
     """Per-step absolute and relative differences of `candidate` from `reference` from
-    step `skip_steps` on (early steps of a bf16 run can be skipped), and their summary."""
+    step `skip_steps` on (early steps of a bf16 run can be skipped), and their summary.
+    `tail_mean_*` average each curve's last tenth of steps: what a long, noisy bf16 run's
+    verdict should rest on rather than one step's difference."""
     reference, candidate = np.asarray(reference, np.float64), np.asarray(candidate, np.float64)
     if reference.shape != candidate.shape:
         raise ValueError(f"curves of {reference.size} and {candidate.size} steps")
@@ -216,11 +218,14 @@ def compare_curves(reference: Sequence[float], candidate: Sequence[float], skip_
     rel_diff = abs_diff / np.maximum(np.abs(reference[skip_steps:]), 1e-12)
     if abs_diff.size == 0:
         raise ValueError(f"skip_steps={skip_steps} leaves none of {reference.size} steps")
+    tail = max(1, reference.size // 10)
     return {"skip_steps": skip_steps, "steps_compared": int(abs_diff.size),
             "abs_diff": abs_diff.tolist(), "rel_diff": rel_diff.tolist(),
             "max_abs_diff": float(abs_diff.max()), "mean_abs_diff": float(abs_diff.mean()),
             "max_rel_diff": float(rel_diff.max()), "mean_rel_diff": float(rel_diff.mean()),
-            "final_reference": float(reference[-1]), "final_candidate": float(candidate[-1])}
+            "final_reference": float(reference[-1]), "final_candidate": float(candidate[-1]),
+            "tail_steps": tail, "tail_mean_reference": float(reference[-tail:].mean()),
+            "tail_mean_candidate": float(candidate[-tail:].mean())}
 
 
 def plot_curves(curves: dict[str, Sequence[float]], path, title: str = "") -> Path:

@@ -133,7 +133,9 @@ def main(argv=None) -> int:
     comparison = fidelity.compare_curves(torch_curves["loss"], jax_curves["loss"], args.skip_steps)
     print(f"{args.steps} steps, {args.dtype}, jax vs {torch_impl}: loss max rel diff "
           f"{comparison['max_rel_diff']:.3g}, mean {comparison['mean_rel_diff']:.3g}; final loss "
-          f"jax {comparison['final_candidate']:.5f}, torch {comparison['final_reference']:.5f}")
+          f"jax {comparison['final_candidate']:.5f}, torch {comparison['final_reference']:.5f}; mean of the last "
+          f"{comparison['tail_steps']} jax {comparison['tail_mean_candidate']:.5f}, torch "
+          f"{comparison['tail_mean_reference']:.5f}")
     if out:
         settings = {k: v for k, v in vars(args).items() if k != "out"}
         results = {"meta": {"command": " ".join(["python"] + sys.argv),
@@ -142,7 +144,9 @@ def main(argv=None) -> int:
                             "seconds_with_compilation": seconds},
                    "settings": settings, "optim": dataclasses.asdict(optim), "model": config.to_dict(),
                    "jax": jax_curves, "torch": torch_curves,
-                   "comparison": {"reference": "torch", **comparison}}
+                   "comparison": {"reference": "torch", **comparison},
+                   "grad_norm_comparison": fidelity.compare_curves(torch_curves["grad_norm"], jax_curves["grad_norm"],
+                                                                   args.skip_steps)}
         write_text_atomic(out / "results.json", json.dumps(results, indent=1))
         fidelity.plot_curves({f"torch ({torch_impl})": torch_curves["loss"], "jax": jax_curves["loss"]},
                              out / "curves.png", title=f"{args.size}, {args.dtype}, batch {args.batch} x {args.length}")

@@ -108,6 +108,7 @@ def test_compare_curves_skips_early_steps():
     assert summary["steps_compared"] == 2
     assert summary["max_abs_diff"] == pytest.approx(0.3)
     assert summary["max_rel_diff"] == pytest.approx(0.1)
+    assert summary["tail_steps"] == 1 and summary["tail_mean_candidate"] == 2.0
     with pytest.raises(ValueError):
         fidelity.compare_curves([1.0], [1.0, 2.0])
 
@@ -124,6 +125,7 @@ def test_cli_writes_results_and_plot(tmp_path):
     results = json.loads((out / "results.json").read_text())
     assert len(results["jax"]["loss"]) == len(results["torch"]["loss"]) == 3
     assert results["comparison"]["max_rel_diff"] < 1e-4
+    assert results["grad_norm_comparison"]["max_rel_diff"] < 1e-4
     assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (out / "start-transformers" / "config.json").is_file()
 
