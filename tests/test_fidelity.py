@@ -143,3 +143,18 @@ def test_pubmed_batches_are_the_loaders_rows_in_order(tmp_path, tokenizer_path):
     loader = make_lm_loader(tmp_path / "data", "train", 15, BATCH, seed=5, process_index=0, process_count=1)
     for expected, got in zip(loader, batches):
         np.testing.assert_array_equal(expected["tokens"], got)
+
+
+def test_torch_impl_choice_and_mamba_ssm_vocab_guard(tmp_path):
+    try:
+        import mamba_ssm  # noqa: F401
+        expected_auto = "mamba_ssm"
+    except ImportError:
+        expected_auto = "transformers"
+    assert fidelity.resolve_torch_impl("auto") == expected_auto
+    with pytest.raises(ValueError, match="torch_impl"):
+        fidelity.resolve_torch_impl("flax")
+    config, params = fidelity.random_start("tiny", vocab_size=VOCAB - 1, dtype="float32")
+    with pytest.raises(ValueError, match="pad"):
+        fidelity.export_start(config, params, tmp_path / "ms", "mamba_ssm")
+    assert not (tmp_path / "ms").exists()
