@@ -1,4 +1,4 @@
-"""Does the JAX training path learn like the PyTorch reference? (issue 18)
+"""Does the JAX training path learn like the PyTorch reference?
 
 Both frameworks start from one random Mamba init (exported with the project's own
 converter), see the same token batches in the same order and train the pretraining recipe
@@ -36,7 +36,7 @@ from biomamba_jax.files import atomic_output
 from biomamba_jax.model.config import MambaConfig
 from biomamba_jax.model.mamba import MambaLM
 from biomamba_jax.training.config import OptimSection
-from biomamba_jax.training.step import _DECAYED_MIXER_WEIGHTS, TrainState, make_optimizer, make_train_step
+from biomamba_jax.training.step import DECAYED_MIXER_WEIGHTS, TrainState, make_optimizer, make_train_step
 
 __all__ = ["TORCH_IMPLS", "random_start", "random_token_batches", "pubmed_token_batches", "jax_losses",
            "export_start", "resolve_torch_impl", "torch_decays", "torch_lr_factor", "torch_losses",
@@ -135,7 +135,7 @@ def torch_decays(name: str) -> bool:
     the torch twin of `weight_decay_mask` (the mixers' projection and conv weights only,
     never A_log, D, biases, norms or embeddings), from the same set of module names."""
     parts = name.split(".")
-    return len(parts) >= 2 and parts[-1] == "weight" and parts[-2] in _DECAYED_MIXER_WEIGHTS
+    return len(parts) >= 2 and parts[-1] == "weight" and parts[-2] in DECAYED_MIXER_WEIGHTS
 
 
 def torch_lr_factor(step: int, optim: OptimSection, total_steps: int) -> float:

@@ -37,6 +37,7 @@ __all__ = [
     "clip_by_global_norm",
     "lr_schedule",
     "weight_decay_mask",
+    "DECAYED_MIXER_WEIGHTS",
     "make_train_step",
     "make_gradient_fn",
     "make_eval_step",
@@ -64,13 +65,13 @@ def lr_schedule(peak_lr: float, warmup_steps: int, total_steps: int, final_fract
 
 # Weight decay applies to the mixers' projection and conv kernels only: A_log, D, every
 # bias, the norms and the (tied or untied) embeddings are excluded, as in BioMamba/mamba_ssm.
-_DECAYED_MIXER_WEIGHTS = {"in_proj", "conv1d", "x_proj", "dt_proj", "out_proj"}
+DECAYED_MIXER_WEIGHTS = {"in_proj", "conv1d", "x_proj", "dt_proj", "out_proj"}
 
 
 def weight_decay_mask(params) -> Any:
     def decays(path, _):
         names = [getattr(p, "key", getattr(p, "name", str(p))) for p in path]
-        return names[-1] == "kernel" and len(names) >= 2 and names[-2] in _DECAYED_MIXER_WEIGHTS
+        return names[-1] == "kernel" and len(names) >= 2 and names[-2] in DECAYED_MIXER_WEIGHTS
 
     return jax.tree_util.tree_map_with_path(decays, params)
 
