@@ -1,4 +1,4 @@
-"""The training-fidelity tool (issue 18): JAX and transformers train alike in fp32 on the CPU."""
+"""The training-fidelity tool (`scripts/fidelity.py`): JAX and transformers train alike in fp32 on the CPU."""
 import dataclasses
 import importlib.util
 import json
