@@ -22,4 +22,4 @@ def test_readme_first_lines_are_the_setup_commands():
 
 def test_readme_stays_short():
     # Under 12,000 characters: install, use and results first; the history lives in benchmarks/.
-    assert len(README.read_text()) < 12_000
+    assert len(README.read_bytes()) < 12_000
