@@ -117,7 +117,7 @@ def export_start(config: MambaConfig, params: dict, directory, torch_impl: str) 
 
 
 def resolve_torch_impl(torch_impl: str) -> str:
-    """"auto" is mamba_ssm where it imports (its CUDA kernels: what the lead compares
+    """"auto" is mamba_ssm where it imports (its CUDA kernels: the reference to train
     against on a GPU), else transformers."""
     if torch_impl not in TORCH_IMPLS:
         raise ValueError(f"torch_impl={torch_impl!r}; choose one of {TORCH_IMPLS}")
@@ -231,14 +231,14 @@ def compare_curves(reference: Sequence[float], candidate: Sequence[float], skip_
 def plot_curves(curves: dict[str, Sequence[float]], path, title: str = "") -> Path:
     """Loss curves (one line per name, first = reference) above the others' differences
     from the first, written atomically as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display; must precede pyplot's import
-    import matplotlib.pyplot as plt
+    # A bare Figure, not pyplot: no display needed and no global backend switched under a
+    # caller that uses matplotlib itself.
+    from matplotlib.figure import Figure
 
     names = list(curves)
     reference = np.asarray(curves[names[0]], np.float64)
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 6), sharex=True, height_ratios=(2, 1))
+    fig = Figure(figsize=(8, 6))
+    top, bottom = fig.subplots(2, 1, sharex=True, height_ratios=(2, 1))
     for name in names:
         top.plot(np.arange(len(curves[name])), curves[name], label=name, linewidth=1)
     for name in names[1:]:
@@ -257,6 +257,5 @@ def plot_curves(curves: dict[str, Sequence[float]], path, title: str = "") -> Pa
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_output(path) as partial:
         fig.savefig(partial, format="png", dpi=120)
-    plt.close(fig)
     return path
 
