@@ -1,8 +1,18 @@
 """Train one random Mamba init in JAX and in PyTorch on the same batches; compare the losses.
 
     python scripts/fidelity.py --size tiny --vocab-size 64 --steps 8 --scan-impl reference   # CPU, fp32: must agree
-    python scripts/fidelity.py --size mamba-130m --steps 500 --batch 8 --length 2048 \\
-        --dtype bfloat16 --torch-impl mamba_ssm --torch-device cuda --out runs/fidelity-130m
+    python scripts/fidelity.py --size mamba-130m --steps 300 --batch 8 --length 2048 --data-dir DATA \\
+        --dtype bfloat16 --torch-impl mamba_ssm --torch-device cuda --spread float32 --skip-steps 10 \\
+        --detail-rows 2 --variants mosaic,pallas --decode-prompts 32 --out runs/fidelity-130m
+
+--spread runs the torch side a second time in an equivalent setting (float32: no
+autocast, its fp32 kernels; order: the same batches in another order); its distance from
+the first run is the tolerance the JAX curve is judged by, step by step after
+--skip-steps. --detail-rows N then compares one step of the trained weights on N fresh
+rows in detail: logits and per-parameter gradients of torch in bf16 and of JAX with each
+--variants scan impl, all against torch in float32. --decode-prompts N compares greedy
+decoding of the trained weights (N prompts of --prompt-length tokens, --decode-tokens new
+ones), JAX's generate against the torch implementation's own, in bf16 and in float32.
 
 Both sides run the pretraining recipe of a run preset (`--preset`; --lr/--warmup replace
 its peak lr and warmup): AdamW with the project's weight-decay mask, warmup + cosine lr
@@ -11,8 +21,8 @@ step; the torch side is transformers' MambaForCausalLM or mamba_ssm's MambaLMHea
 loaded from the project's export of the same init. Tokens are random, or rows of a
 prepared PubMed dir (--data-dir) in the order pretraining reads them.
 
---out DIR gets results.json (both curves, the comparison from --skip-steps on, the
-settings), curves.png and the exported start (start-<impl>/), for a rerun elsewhere.
+--out DIR gets results.json (the curves, the comparisons, the settings) and curves.png,
+written after the curves, again after the detailed step and after the decoding.
 """
 
 from __future__ import annotations
@@ -23,9 +33,12 @@ import datetime
 import json
 import os
 import sys
+import math
 import tempfile
 import time
 from pathlib import Path
+
+import numpy as np
 
 # Both frameworks share one GPU here: JAX must not take 75% of its memory at start-up,
 # which it does by default, or torch runs out.
@@ -64,7 +77,20 @@ def parse_args(argv=None):
     p.add_argument("--scan-impl", default=None, help="JAX scan implementation (default: the model config's)")
     p.add_argument("--torch-device", default="cpu", help="torch device, e.g. cuda (default: %(default)s)")
     p.add_argument("--skip-steps", type=int, default=0, help="leave the first steps out of the comparison")
-    p.add_argument("--out", default=None, help="output folder for results.json, curves.png and the start")
+    p.add_argument("--spread", choices=("none", "float32", "order"), default="none",
+                   help="a second torch run whose distance from the first is the tolerance: float32 compute, "
+                        "or the same batches in another order (default: %(default)s)")
+    p.add_argument("--detail-rows", type=int, default=0, metavar="N",
+                   help="compare one step of the trained weights on N fresh rows in detail (default: skip)")
+    p.add_argument("--variants", default=None,
+                   help="comma-separated JAX scan impls for --detail-rows, e.g. mosaic,pallas:fuse=true "
+                        "(default: the model config's)")
+    p.add_argument("--decode-prompts", type=int, default=0, metavar="N",
+                   help="compare greedy decoding of the trained weights from N prompts (default: skip)")
+    p.add_argument("--prompt-length", type=int, default=64, help="tokens per decoding prompt (default: 64)")
+    p.add_argument("--decode-tokens", type=int, default=128, help="new tokens per prompt (default: 128)")
+    p.add_argument("--out", default=None, help="output folder for results.json and curves.png, rewritten "
+                                              "after each stage so a cut run keeps what it finished")
     return p.parse_args(argv)
 
 
@@ -78,9 +104,109 @@ def release_torch_memory() -> None:
         torch.cuda.empty_cache()
 
 
+def check_args(args) -> None:
+    for name in ("steps", "batch", "length", "prompt_length", "decode_tokens"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    for name in ("detail_rows", "decode_prompts", "skip_steps"):
+        if getattr(args, name) < 0:
+            raise ValueError(f"--{name.replace('_', '-')} must not be negative, got {getattr(args, name)}")
+    if args.spread == "float32" and args.dtype == "float32":
+        raise ValueError("--spread float32 compares with the float32 run itself; use it with --dtype bfloat16, "
+                         "or take --spread order")
+    if args.decode_prompts and args.prompt_length > args.length:
+        raise ValueError(f"--prompt-length {args.prompt_length} is longer than the rows (--length {args.length})")
+
+
+def token_batches(args, config, count: int) -> np.ndarray:
+    if args.data_dir:
+        return fidelity.pubmed_token_batches(args.data_dir, count, args.batch, args.length, args.seed)
+    distinct = args.distinct_batches
+    return fidelity.random_token_batches(count, args.batch, args.length, config.vocab_size, args.seed,
+                                         distinct=distinct if distinct is None else min(distinct, count))
+
+
+def progress(name: str, total: int):
+    bar = tqdm(total=total, desc=name, unit="step")
+
+    def on_step(_, row):
+        bar.set_postfix(loss=f"{row['loss']:.4f}", refresh=False)
+        bar.update()
+
+    return bar, on_step
+
+
+def timed(seconds: dict, name: str, total: int, run):
+    bar, on_step = progress(name, total)
+    began = time.perf_counter()
+    result = run(on_step)
+    seconds[name] = round(time.perf_counter() - began, 1)
+    bar.close()
+    release_torch_memory()
+    return result
+
+
+def spread_verdict(comparison: dict, spread: dict) -> dict:
+    """The JAX curve is within the reference's own spread when, at every compared step,
+    its distance from the reference is at most the largest distance the second reference
+    run had over the compared steps (one number: a per-step spread is itself noisy)."""
+    tolerance = spread["max_abs_diff"]
+    within = np.asarray(comparison["abs_diff"]) <= tolerance
+    return {"tolerance_abs": tolerance, "steps_within": int(within.sum()), "steps_compared": int(within.size),
+            "all_within": bool(within.all()), "jax_max_abs_diff": comparison["max_abs_diff"],
+            "jax_mean_abs_diff": comparison["mean_abs_diff"], "spread_mean_abs_diff": spread["mean_abs_diff"]}
+
+
+def detailed_step(args, config, trained, trained_dir, rows, torch_impl) -> dict:
+    torch_kwargs = {"torch_impl": torch_impl, "device": args.torch_device}
+    reference = fidelity.torch_step(trained_dir, config, rows, dtype="float32", **torch_kwargs)
+    baseline = f"{torch_impl} bfloat16"
+    runs = {baseline: fidelity.torch_step(trained_dir, config, rows, dtype="bfloat16", **torch_kwargs)}
+    release_torch_memory()
+    runs["jax float32"] = fidelity.jax_step(config.replace(dtype="float32"), trained, rows, matmul_precision="highest")
+    for variant in (args.variants.split(",") if args.variants else [str(config.scan_impl)]):
+        runs[f"jax bfloat16 {variant}"] = fidelity.jax_step(config.replace(dtype="bfloat16", scan_impl=variant),
+                                                            trained, rows)
+    report = fidelity.step_detail(reference, runs, baseline)
+    for name, entry in report.items():
+        print(f"one step vs {torch_impl} float32, {name}: logits {entry['logits']:.3g} (x{entry['logits_ratio']:.2f} "
+              f"of {baseline}), grads worst x{entry['grads_ratio_max']:.2f} ({entry['worst_grad']}), "
+              f"median x{entry['grads_ratio_median']:.2f}")
+    return {"reference": f"{torch_impl} float32", "baseline": baseline, "rows": int(rows.shape[0]), "runs": report}
+
+
+def decoding(args, config, trained, trained_dir, prompts, torch_impl) -> dict:
+    torch_kwargs = {"torch_impl": torch_impl, "device": args.torch_device}
+    tokens, logits = {}, {}
+    began = time.perf_counter()
+    for dtype in ("bfloat16", "float32"):
+        tokens[f"{torch_impl} {dtype}"], logits[f"{torch_impl} {dtype}"] = fidelity.torch_greedy(
+            trained_dir, prompts, args.decode_tokens, dtype=dtype, **torch_kwargs)
+        release_torch_memory()
+        print(f"greedy {torch_impl} {dtype}: done at {time.perf_counter() - began:.0f} s")
+    for dtype, precision in (("bfloat16", None), ("float32", "highest")):  # highest: no TF32 in fp32
+        with jax.default_matmul_precision(precision):
+            tokens[f"jax {dtype}"] = fidelity.jax_greedy(config.replace(dtype=dtype), trained, prompts,
+                                                         args.decode_tokens)
+        print(f"greedy jax {dtype}: done at {time.perf_counter() - began:.0f} s")
+    pairs = [("jax bfloat16", f"{torch_impl} bfloat16"), ("jax float32", f"{torch_impl} float32"),
+             (f"{torch_impl} bfloat16", f"{torch_impl} float32")]
+    report = {}
+    for candidate, reference in pairs:
+        entry = fidelity.prefix_agreement(tokens[reference], tokens[candidate])
+        entry["divergences"] = fidelity.divergence_gaps(tokens[reference], tokens[candidate], logits[reference])
+        report[f"{candidate} vs {reference}"] = entry
+        steps = [round(d["gap_in_bf16_steps"], 1) for d in entry["divergences"]]
+        print(f"greedy {candidate} vs {reference}: {entry['fraction']:.3f} of tokens before the first divergence, "
+              f"{entry['rows_identical']}/{entry['rows']} rows identical; gaps at divergence in bf16 steps {steps}")
+    return {"prompts": int(prompts.shape[0]), "prompt_length": args.prompt_length, "new_tokens": args.decode_tokens,
+            "pairs": report, "tokens": {name: value.tolist() for name, value in tokens.items()}}
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
+        check_args(args)
         optim = load_run_config(args.preset).optim
         optim = dataclasses.replace(optim, **{k: v for k, v in (("peak_lr", args.lr), ("warmup_steps", args.warmup))
                                               if v is not None})
@@ -94,63 +220,87 @@ def main(argv=None) -> int:
     except (RunConfigError, ConfigError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    if args.data_dir:
-        batches = fidelity.pubmed_token_batches(args.data_dir, args.steps, args.batch, args.length, args.seed)
-    else:
-        batches = fidelity.random_token_batches(args.steps, args.batch, args.length, config.vocab_size, args.seed,
-                                                distinct=args.distinct_batches)
-    if batches.max() >= config.vocab_size:
-        print(f"error: token id {batches.max()} of {args.data_dir} is outside the model's vocabulary "
+    # Rows for the detailed step and the prompts come after the training batches: unseen.
+    held_out_rows = max(args.detail_rows, args.decode_prompts)
+    extra = math.ceil(held_out_rows / args.batch)
+    every = token_batches(args, config, args.steps + extra)
+    batches, held_out = every[:args.steps], every[args.steps:].reshape(-1, args.length + 1)
+    if every.max() >= config.vocab_size:
+        print(f"error: token id {every.max()} of {args.data_dir} is outside the model's vocabulary "
               f"({config.vocab_size}); pass a larger --vocab-size or --size", file=sys.stderr)
         return 2
 
-    def progress(name):
-        bar = tqdm(total=args.steps, desc=name, unit="step")
-
-        def on_step(_, row):
-            bar.set_postfix(loss=f"{row['loss']:.4f}", refresh=False)
-            bar.update()
-
-        return bar, on_step
-
     out = Path(args.out) if args.out else None
-    with tempfile.TemporaryDirectory(prefix="biomamba-fidelity-") as scratch:
-        start_dir = fidelity.export_start(config, params, (out or Path(scratch)) / f"start-{torch_impl}", torch_impl)
-        # Torch first: its cached GPU memory can be handed back before JAX's step needs it.
-        seconds = {}
-        bar, on_step = progress(torch_impl)
-        began = time.perf_counter()
-        torch_curves = fidelity.torch_losses(start_dir, batches, optim, torch_impl=torch_impl, dtype=args.dtype,
-                                             device=args.torch_device, on_step=on_step)
-        seconds["torch"] = round(time.perf_counter() - began, 1)
-        bar.close()
-        release_torch_memory()
-        bar, on_step = progress("jax")
-        began = time.perf_counter()
-        jax_curves = fidelity.jax_losses(config, params, batches, optim, on_step=on_step)
-        seconds["jax"] = round(time.perf_counter() - began, 1)
-        bar.close()
-    comparison = fidelity.compare_curves(torch_curves["loss"], jax_curves["loss"], args.skip_steps)
-    print(f"{args.steps} steps, {args.dtype}, jax vs {torch_impl}: loss max rel diff "
-          f"{comparison['max_rel_diff']:.3g}, mean {comparison['mean_rel_diff']:.3g}; final loss "
-          f"jax {comparison['final_candidate']:.5f}, torch {comparison['final_reference']:.5f}; mean of the last "
-          f"{comparison['tail_steps']} jax {comparison['tail_mean_candidate']:.5f}, torch "
-          f"{comparison['tail_mean_reference']:.5f}")
-    if out:
+    seconds: dict = {}
+    results: dict = {}
+    curves: dict = {}
+
+    def save():
+        if not out:
+            return
+        meta = {"command": " ".join(["python"] + sys.argv), "date": datetime.datetime.now().isoformat(timespec="seconds"),
+                "jax_backend": jax.default_backend(), "device": str(jax.devices()[0].device_kind),
+                "torch_impl": torch_impl, "seconds_with_compilation": seconds}
         settings = {k: v for k, v in vars(args).items() if k != "out"}
-        results = {"meta": {"command": " ".join(["python"] + sys.argv),
-                            "date": datetime.datetime.now().isoformat(timespec="seconds"),
-                            "jax_backend": jax.default_backend(), "torch_impl": torch_impl,
-                            "seconds_with_compilation": seconds},
-                   "settings": settings, "optim": dataclasses.asdict(optim), "model": config.to_dict(),
-                   "jax": jax_curves, "torch": torch_curves,
-                   "comparison": {"reference": "torch", **comparison},
-                   "grad_norm_comparison": fidelity.compare_curves(torch_curves["grad_norm"], jax_curves["grad_norm"],
-                                                                   args.skip_steps)}
-        write_text_atomic(out / "results.json", json.dumps(results, indent=1))
-        fidelity.plot_curves({f"torch ({torch_impl})": torch_curves["loss"], "jax": jax_curves["loss"]},
+        write_text_atomic(out / "results.json", json.dumps(
+            {"meta": meta, "settings": settings, "optim": dataclasses.asdict(optim), "model": config.to_dict(),
+             "curves": curves, **results}, indent=1))
+        fidelity.plot_curves({f"torch ({name})": run["loss"] for name, run in curves.items() if name != "jax"}
+                             | {"jax": curves["jax"]["loss"]},
                              out / "curves.png", title=f"{args.size}, {args.dtype}, batch {args.batch} x {args.length}")
         print(f"wrote {out / 'results.json'} and {out / 'curves.png'}")
+
+    with tempfile.TemporaryDirectory(prefix="biomamba-fidelity-") as scratch:
+        start_dir = fidelity.export_start(config, params, Path(scratch) / f"start-{torch_impl}", torch_impl)
+
+        def torch_run(dtype, order):
+            return lambda on_step: fidelity.torch_losses(start_dir, order, optim, torch_impl=torch_impl, dtype=dtype,
+                                                         device=args.torch_device, on_step=on_step)
+
+        # Torch first: its cached GPU memory is handed back before JAX's step needs it.
+        curves[torch_impl] = timed(seconds, torch_impl, args.steps, torch_run(args.dtype, batches))
+        if args.spread != "none":
+            dtype, order = args.dtype, batches
+            if args.spread == "float32":
+                dtype = "float32"
+            else:
+                # Rotated by half a run: every step sees another batch than the first run did.
+                order = np.roll(batches, max(1, args.steps // 2), axis=0)
+            curves[f"{torch_impl} {args.spread}"] = timed(seconds, f"{torch_impl} {args.spread}", args.steps,
+                                                          torch_run(dtype, order))
+        jax_curves, trained = timed(seconds, "jax", args.steps,
+                                    lambda on_step: fidelity.jax_losses(config, params, batches, optim, on_step))
+        curves["jax"] = jax_curves
+        reference = curves[torch_impl]["loss"]
+        comparison = fidelity.compare_curves(reference, jax_curves["loss"], args.skip_steps)
+        print(f"{args.steps} steps, {args.dtype}, jax vs {torch_impl}: loss max rel diff "
+              f"{comparison['max_rel_diff']:.3g}, mean {comparison['mean_rel_diff']:.3g}; final loss "
+              f"jax {comparison['final_candidate']:.5f}, torch {comparison['final_reference']:.5f}; mean of the last "
+              f"{comparison['tail_steps']} jax {comparison['tail_mean_candidate']:.5f}, torch "
+              f"{comparison['tail_mean_reference']:.5f}")
+        results["comparison"] = {"reference": torch_impl, **comparison}
+        results["grad_norm_comparison"] = fidelity.compare_curves(curves[torch_impl]["grad_norm"],
+                                                                  jax_curves["grad_norm"], args.skip_steps)
+        if args.spread != "none":
+            spread = fidelity.compare_curves(reference, curves[f"{torch_impl} {args.spread}"]["loss"], args.skip_steps)
+            verdict = spread_verdict(comparison, spread)
+            results["spread"] = {"run": f"{torch_impl} {args.spread}", **spread}
+            results["verdict"] = verdict
+            print(f"tolerance from {torch_impl} against itself ({args.spread}): {verdict['tolerance_abs']:.4g}; "
+                  f"jax within it at {verdict['steps_within']}/{verdict['steps_compared']} steps "
+                  f"(jax max {verdict['jax_max_abs_diff']:.4g}, mean {verdict['jax_mean_abs_diff']:.4g}; "
+                  f"spread mean {verdict['spread_mean_abs_diff']:.4g})")
+        save()
+        if held_out_rows:
+            trained_dir = fidelity.export_start(config, trained, Path(scratch) / f"trained-{torch_impl}", torch_impl)
+            if args.detail_rows:
+                results["one_step"] = detailed_step(args, config, trained, trained_dir,
+                                                    held_out[:args.detail_rows], torch_impl)
+                save()
+            if args.decode_prompts:
+                results["greedy"] = decoding(args, config, trained, trained_dir,
+                                             held_out[:args.decode_prompts, :args.prompt_length], torch_impl)
+                save()
     return 0
 
 

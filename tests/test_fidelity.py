@@ -36,7 +36,7 @@ def start(tmp_path_factory):
 @pytest.fixture(scope="module")
 def jax_curves(start):
     config, params, _, batches = start
-    return fidelity.jax_losses(config, params, batches, RECIPE)
+    return fidelity.jax_losses(config, params, batches, RECIPE)[0]
 
 
 def test_jax_and_transformers_train_alike_in_float32(start, jax_curves):
@@ -53,7 +53,7 @@ def test_bfloat16_runs_both_sides_close(start):
     """bf16 compute in JAX, bf16 autocast in torch: no longer equal, still close (measured
     here: 3e-4 relative at most); this mainly proves the bf16 paths run before a GPU does."""
     config, params, directory, batches = start
-    jax_bf16 = fidelity.jax_losses(config.replace(dtype="bfloat16"), params, batches, RECIPE)
+    jax_bf16, _ = fidelity.jax_losses(config.replace(dtype="bfloat16"), params, batches, RECIPE)
     torch_bf16 = fidelity.torch_losses(directory, batches, RECIPE, dtype="bfloat16")
     assert fidelity.compare_curves(torch_bf16["loss"], jax_bf16["loss"])["max_rel_diff"] < 5e-3
 
@@ -119,15 +119,81 @@ def test_cli_writes_results_and_plot(tmp_path):
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
     out = tmp_path / "run"
-    assert script.main(["--size", "tiny", "--vocab-size", str(VOCAB), "--steps", "3", "--batch", "1", "--length",
+    assert script.main(["--size", "tiny", "--vocab-size", str(VOCAB), "--steps", "3", "--batch", "2", "--length",
                         "16", "--warmup", "1", "--scan-impl", "reference", "--torch-impl", "transformers",
+                        "--spread", "order", "--detail-rows", "2", "--variants", "reference,chunked",
+                        "--decode-prompts", "3", "--prompt-length", "8", "--decode-tokens", "5",
                         "--out", str(out)]) == 0
     results = json.loads((out / "results.json").read_text())
-    assert len(results["jax"]["loss"]) == len(results["torch"]["loss"]) == 3
+    curves = results["curves"]
+    assert len(curves["jax"]["loss"]) == len(curves["transformers"]["loss"]) == len(curves["transformers order"]["loss"]) == 3
     assert results["comparison"]["max_rel_diff"] < 1e-4
     assert results["grad_norm_comparison"]["max_rel_diff"] < 1e-4
+    # Another batch order moves the torch curve; fp32 JAX stays far inside that spread.
+    assert results["verdict"]["all_within"] and results["verdict"]["tolerance_abs"] > 1e-3
+    runs = results["one_step"]["runs"]
+    assert set(runs) == {"transformers bfloat16", "jax float32", "jax bfloat16 reference", "jax bfloat16 chunked"}
+    assert runs["jax float32"]["logits"] < 1e-5 and runs["transformers bfloat16"]["grads_ratio_max"] == 1.0
+    greedy = results["greedy"]["pairs"]["jax float32 vs transformers float32"]
+    assert greedy["rows"] == 3 and len(results["greedy"]["tokens"]["jax bfloat16"][0]) == 5
     assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert (out / "start-transformers" / "config.json").is_file()
+    assert sorted(path.name for path in out.iterdir()) == ["curves.png", "results.json"]
+
+
+def test_cli_refuses_a_float32_spread_of_a_float32_run(capsys):
+    spec = importlib.util.spec_from_file_location("fidelity_script", ROOT / "scripts" / "fidelity.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    assert script.main(["--spread", "float32"]) == 2
+    assert "--spread order" in capsys.readouterr().err
+
+
+def test_one_step_matches_transformers_in_float32_logits_and_every_gradient(start):
+    config, params, directory, batches = start
+    reference = fidelity.torch_step(directory, config, batches[0])
+    ours = fidelity.jax_step(config, params, batches[0])
+    assert set(ours["grads"]) == set(reference["grads"]) and len(ours["grads"]) > 10
+    assert ours["loss"] == pytest.approx(reference["loss"], rel=1e-5)
+    assert fidelity.relative_distance(ours["logits"], reference["logits"]) < 1e-4
+    for name, grad in reference["grads"].items():
+        assert fidelity.relative_distance(ours["grads"][name], grad) < 1e-4, name
+    # A wrong gradient shows: the in_proj gradient of other text (each row reversed) is far away.
+    other = fidelity.jax_step(config, params, np.ascontiguousarray(batches[0][:, ::-1]))
+    name = next(k for k in ours["grads"] if "in_proj" in k)
+    assert fidelity.relative_distance(other["grads"][name], reference["grads"][name]) > 1e-2
+
+
+def test_step_detail_ratios_are_against_the_baseline():
+    reference = {"loss": 1.0, "logits": np.ones((2, 3)), "grads": {"a": np.ones(4), "b": np.full(4, 2.0)}}
+    baseline = {"loss": 1.1, "logits": np.full((2, 3), 1.1), "grads": {"a": np.full(4, 1.1), "b": np.full(4, 2.2)}}
+    candidate = {"loss": 1.0, "logits": np.full((2, 3), 1.05), "grads": {"a": np.full(4, 1.3), "b": np.full(4, 2.0)}}
+    report = fidelity.step_detail(reference, {"base": baseline, "ours": candidate}, "base")
+    assert report["base"]["grads_ratio_max"] == pytest.approx(1.0)
+    assert report["ours"]["logits_ratio"] == pytest.approx(0.5)
+    assert report["ours"]["grads_ratio"]["a"] == pytest.approx(3.0) and report["ours"]["worst_grad"] == "a"
+    assert report["ours"]["grads_ratio"]["b"] == 0.0 and report["ours"]["loss_diff"] == 0.0
+
+
+def test_greedy_decoding_agrees_with_transformers_in_float32(start):
+    config, params, directory, batches = start
+    prompts = fidelity.random_token_batches(1, 4, 6, VOCAB, seed=9)[0]
+    ours = fidelity.jax_greedy(config, params, prompts, 8)
+    theirs, logits = fidelity.torch_greedy(directory, prompts, 8)
+    assert ours.shape == theirs.shape == (4, 8) and logits.shape == (4, 8, VOCAB)
+    np.testing.assert_array_equal(theirs, logits.argmax(-1))
+    assert fidelity.prefix_agreement(theirs, ours)["fraction"] == 1.0
+
+
+def test_prefix_agreement_stops_at_the_first_divergence_and_measures_its_gap():
+    reference = np.array([[1, 2, 3, 4], [5, 6, 7, 8]])
+    candidate = np.array([[1, 2, 9, 4], [5, 6, 7, 8]])
+    summary = fidelity.prefix_agreement(reference, candidate)
+    assert summary["prefix_lengths"] == [2, 4] and summary["fraction"] == 6 / 8 and summary["rows_identical"] == 1
+    logits = np.zeros((2, 4, 10), np.float32)
+    logits[0, 2, 3], logits[0, 2, 9] = 10.0, 10.0 - 2 ** -4  # 10 is in [8, 16): a bf16 step is 2^-4
+    (gap,) = fidelity.divergence_gaps(reference, candidate, logits)
+    assert gap["row"] == 0 and gap["step"] == 2 and gap["candidate_token"] == 9
+    assert gap["gap_in_bf16_steps"] == pytest.approx(1.0)
 
 
 def test_pubmed_batches_are_the_loaders_rows_in_order(tmp_path, tokenizer_path):
