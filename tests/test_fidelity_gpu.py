@@ -3,8 +3,8 @@
 The cheap parts of `scripts/fidelity.py`: a 4-layer model of Mamba-130m's width from a
 random init, exported with the project's converter and loaded by mamba_ssm. mamba_ssm in
 float32 stands in for exact arithmetic; its own bf16 autocast run is the yardstick: the
-JAX bf16 paths must err no more than about as much as it does (the tolerances and why
-are in benchmarks/HISTORY.md, "Training fidelity").
+JAX bf16 paths must err no more than about as much as it does (benchmarks/HISTORY.md,
+"Training fidelity", has the measurements at 130m).
 """
 import jax
 import numpy as np
@@ -17,9 +17,10 @@ pytest.importorskip("torch", reason="the reference is mamba_ssm, a PyTorch packa
 pytest.importorskip("mamba_ssm", reason="mamba_ssm (CUDA kernels) is the reference here")
 
 LAYERS, BATCH, LENGTH = 4, 2, 512
-# The JAX bf16 error from fp32 over mamba_ssm's own bf16 error; measured on an H200 at
-# 0.6-1.1 for logits and every gradient (HISTORY.md): 1.5 leaves room for the seed.
-RATIO = 1.5
+# The JAX bf16 error from fp32 over mamba_ssm's own bf16 error. At 130m (trained weights,
+# HISTORY.md) logits were x1.03-1.05 and the worst gradient (dt_proj) up to x2.7: these tests
+# have not yet run on a GPU, and 3.0 is a first bound, to be tightened from their output.
+RATIO = 3.0
 
 
 @pytest.fixture(scope="module")
