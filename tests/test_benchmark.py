@@ -18,6 +18,10 @@ def test_train_row_uses_the_presets_settings_and_the_library_step():
     row = benchmark.time_train(config, model_config, batch=2, length=16, warmup=1, repeats=1)
     assert (row["remat"], row["dtype"], row["scan_impl"]) == ("full", "float32", "reference")
     assert row["tokens_per_s"] > 0 and row["loss"] > 0
+    # Compile time in its two parts (lowering builds Mosaic GPU kernels; then XLA).
+    assert row["lower_s"] >= 0 and row["xla_compile_s"] > 0
+    assert abs(row["lower_s"] + row["xla_compile_s"] - row["compile_s"]) <= 0.151  # each rounded to 0.1
+    assert "lowering" in benchmark.summary_line(row)
 
 
 def test_size_overrides_the_presets_model():

@@ -4,7 +4,7 @@ The cheap parts of `scripts/fidelity.py`: a 4-layer model of Mamba-130m's width 
 random init, exported with the project's converter and loaded by mamba_ssm. mamba_ssm in
 float32 stands in for exact arithmetic; its own bf16 autocast run is the yardstick: the
 JAX bf16 paths must err no more than about as much as it does (benchmarks/HISTORY.md,
-"Training fidelity", has the measurements at 130m).
+"Training fidelity", has the measurements at 130m and of these tests).
 """
 import jax
 import numpy as np
@@ -17,10 +17,12 @@ pytest.importorskip("torch", reason="the reference is mamba_ssm, a PyTorch packa
 pytest.importorskip("mamba_ssm", reason="mamba_ssm (CUDA kernels) is the reference here")
 
 LAYERS, BATCH, LENGTH = 4, 2, 512
-# The JAX bf16 error from fp32 over mamba_ssm's own bf16 error. At 130m (trained weights,
-# HISTORY.md) logits were x1.03-1.05 and the worst gradient (dt_proj) up to x2.7: these tests
-# have not yet run on a GPU, and 3.0 is a first bound, to be tightened from their output.
-RATIO = 3.0
+# The JAX bf16 error from fp32 over mamba_ssm's own bf16 error. Measured here (one H200,
+# 2026-12-03): auto (mosaic) logits x1.145, worst gradient x1.23 (x_proj); pallas x1.147 and
+# x1.20 (norm). The bound leaves room for mamba_ssm's bf16, which differs from run to run
+# (HISTORY.md). pallas:fuse=true passed under 3.0 in the same run, but its
+# printed ratios were lost, so it keeps that first bound until it is measured.
+RATIO = {"auto": 1.5, "pallas": 1.5, "pallas:fuse=true": 3.0}
 
 
 @pytest.fixture(scope="module")
@@ -56,8 +58,8 @@ def test_bfloat16_step_errs_no_more_than_mamba_ssm_bfloat16(start, mamba_ssm_ste
                                   "mamba_ssm")["jax"]
     print(scan_impl, "logits x", round(report["logits_ratio"], 3), "grads worst x", round(report["grads_ratio_max"], 3),
           report["worst_grad"], "median x", round(report["grads_ratio_median"], 3))
-    assert report["logits_ratio"] < RATIO
-    assert report["grads_ratio_max"] < RATIO, report["grads_ratio"]
+    assert report["logits_ratio"] < RATIO[scan_impl]
+    assert report["grads_ratio_max"] < RATIO[scan_impl], report["grads_ratio"]
 
 
 def test_greedy_decoding_follows_mamba_ssm(start):
