@@ -6,6 +6,11 @@ import shutil
 import tempfile
 from pathlib import Path
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Test processes running side by side share a GPU: each takes memory as it needs it
+    # rather than JAX's default of 75% up front (set before JAX starts its backend).
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
 import jax
 import pytest
 
@@ -19,8 +24,9 @@ _owned_cache_dir = None
 def pytest_configure(config):
     """JAX's persistent compilation cache in a folder of this session (or the one that
     JAX_COMPILATION_CACHE_DIR names). The runs here compile the same train step many
-    times over, in this process and in the scripts the tests start (which inherit the
-    variable); each compiles once. A fresh folder per session keeps timings honest."""
+    times over, in this process and in the scripts and test processes (pytest-xdist) it
+    starts, which inherit the variable; each compiles once. A fresh folder per session
+    keeps timings honest."""
     global _owned_cache_dir
     directory = os.environ.get("JAX_COMPILATION_CACHE_DIR")
     if not directory:

@@ -121,7 +121,7 @@ def test_cli_writes_results_and_plot(tmp_path):
     out = tmp_path / "run"
     assert script.main(["--size", "tiny", "--vocab-size", str(VOCAB), "--steps", "3", "--batch", "2", "--length",
                         "16", "--warmup", "1", "--scan-impl", "reference", "--torch-impl", "transformers",
-                        "--spread", "order", "--detail-rows", "2", "--variants", "reference,chunked",
+                        "--spread", "order,repeat", "--detail-rows", "2", "--variants", "reference,chunked",
                         "--decode-prompts", "3", "--prompt-length", "8", "--decode-tokens", "5",
                         "--out", str(out)]) == 0
     results = json.loads((out / "results.json").read_text())
@@ -129,8 +129,12 @@ def test_cli_writes_results_and_plot(tmp_path):
     assert len(curves["jax"]["loss"]) == len(curves["transformers"]["loss"]) == len(curves["transformers order"]["loss"]) == 3
     assert results["comparison"]["max_rel_diff"] < 1e-4
     assert results["grad_norm_comparison"]["max_rel_diff"] < 1e-4
-    # Another batch order moves the torch curve; fp32 JAX stays far inside that spread.
+    # Another batch order moves the torch curve; fp32 JAX stays far inside that spread. The
+    # repeat of the same run on a CPU is exact, so the order run sets the tolerance.
+    assert set(results["spreads"]) == {"transformers order", "transformers repeat"}
+    assert results["spreads"]["transformers repeat"]["max_abs_diff"] == 0.0
     assert results["verdict"]["all_within"] and results["verdict"]["tolerance_abs"] > 1e-3
+    assert results["verdict"]["tolerance_from"] == "transformers order"
     runs = results["one_step"]["runs"]
     assert set(runs) == {"transformers bfloat16", "jax float32", "jax bfloat16 reference", "jax bfloat16 chunked"}
     assert runs["jax float32"]["logits"] < 1e-5 and runs["transformers bfloat16"]["grads_ratio_max"] == 1.0
@@ -146,6 +150,10 @@ def test_cli_refuses_a_float32_spread_of_a_float32_run(capsys):
     spec.loader.exec_module(script)
     assert script.main(["--spread", "float32"]) == 2
     assert "--spread order" in capsys.readouterr().err
+    for bad in ("fp32", "order,order"):
+        with pytest.raises(SystemExit):
+            script.parse_args(["--spread", bad])
+        assert "float32, order, repeat" in capsys.readouterr().err
 
 
 def test_one_step_matches_transformers_in_float32_logits_and_every_gradient(start):

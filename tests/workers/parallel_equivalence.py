@@ -21,7 +21,7 @@ from biomamba_jax.training.step import TrainState, make_optimizer, make_train_st
 
 SEQ_LEN, GLOBAL_ROWS = 16, 16
 # The sequential scan without remat compiles fastest; the layouts, not the model, are under test.
-config = MambaConfig.preset("tiny", vocab_size=64, scan_impl="reference", remat="none", dtype="float32")
+config = MambaConfig.preset("tiny", n_layer=1, vocab_size=64, scan_impl="reference", remat="none", dtype="float32")
 model = MambaLM(config, rngs=nnx.Rngs(0))
 graphdef = nnx.graphdef(model)
 params = jax.tree.map(np.asarray, model_params(model))
