@@ -424,7 +424,8 @@ def plot_curves(curves: dict[str, Sequence[float]], path, title: str = "") -> Pa
     bottom.set_ylabel("difference")
     bottom.set_xlabel("step")
     top.legend()
-    bottom.legend()
+    if names[1:]:
+        bottom.legend()
     if title:
         top.set_title(title)
     fig.tight_layout()

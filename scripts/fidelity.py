@@ -24,7 +24,8 @@ loaded from the project's export of the same init. Tokens are random, or rows of
 prepared PubMed dir (--data-dir) in the order pretraining reads them.
 
 --out DIR gets results.json (the curves, the comparisons, the settings) and curves.png,
-written after the curves, again after the detailed step and after the decoding.
+written after each curve, again after the detailed step and after the decoding, so a run
+cut short keeps what it finished.
 """
 
 from __future__ import annotations
@@ -265,7 +266,7 @@ def main(argv=None) -> int:
             {"meta": meta, "settings": settings, "optim": dataclasses.asdict(optim), "model": config.to_dict(),
              "curves": curves, **results}, indent=1))
         fidelity.plot_curves({f"torch ({name})": run["loss"] for name, run in curves.items() if name != "jax"}
-                             | {"jax": curves["jax"]["loss"]},
+                             | ({"jax": curves["jax"]["loss"]} if "jax" in curves else {}),
                              out / "curves.png", title=f"{args.size}, {args.dtype}, batch {args.batch} x {args.length}")
         print(f"wrote {out / 'results.json'} and {out / 'curves.png'}")
 
@@ -278,6 +279,7 @@ def main(argv=None) -> int:
 
         # Torch first: its cached GPU memory is handed back before JAX's step needs it.
         curves[torch_impl] = timed(seconds, torch_impl, args.steps, torch_run(args.dtype, batches))
+        save()  # each finished curve is kept, should a long run be cut short later
         for kind in args.spread:
             dtype, order = args.dtype, batches
             if kind == "float32":
@@ -286,6 +288,7 @@ def main(argv=None) -> int:
                 # Rotated by half a run: every step sees another batch than the first run did.
                 order = np.roll(batches, max(1, args.steps // 2), axis=0)
             curves[f"{torch_impl} {kind}"] = timed(seconds, f"{torch_impl} {kind}", args.steps, torch_run(dtype, order))
+            save()
         jax_curves, trained = timed(seconds, "jax", args.steps,
                                     lambda on_step: fidelity.jax_losses(config, params, batches, optim, on_step))
         curves["jax"] = jax_curves

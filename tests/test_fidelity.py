@@ -113,11 +113,16 @@ def test_compare_curves_skips_early_steps():
         fidelity.compare_curves([1.0], [1.0, 2.0])
 
 
-def test_cli_writes_results_and_plot(tmp_path):
-    # In process: a subprocess would spend longer importing jax and torch than training.
+def load_script():
     spec = importlib.util.spec_from_file_location("fidelity_script", ROOT / "scripts" / "fidelity.py")
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
+    return script
+
+
+def test_cli_writes_results_and_plot(tmp_path):
+    # In process: a subprocess would spend longer importing jax and torch than training.
+    script = load_script()
     out = tmp_path / "run"
     assert script.main(["--size", "tiny", "--vocab-size", str(VOCAB), "--steps", "3", "--batch", "2", "--length",
                         "16", "--warmup", "1", "--scan-impl", "reference", "--torch-impl", "transformers",
@@ -144,10 +149,24 @@ def test_cli_writes_results_and_plot(tmp_path):
     assert sorted(path.name for path in out.iterdir()) == ["curves.png", "results.json"]
 
 
+def test_a_run_cut_short_keeps_the_curves_it_finished(tmp_path, monkeypatch):
+    script = load_script()
+
+    def cut(*args, **kwargs):
+        raise KeyboardInterrupt  # as when a run is stopped during the JAX curve
+
+    monkeypatch.setattr(fidelity, "jax_losses", cut)
+    out = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        script.main(["--size", "tiny", "--vocab-size", str(VOCAB), "--steps", "2", "--batch", "1", "--length", "8",
+                     "--torch-impl", "transformers", "--spread", "order", "--out", str(out)])
+    curves = json.loads((out / "results.json").read_text())["curves"]
+    assert set(curves) == {"transformers", "transformers order"} and len(curves["transformers order"]["loss"]) == 2
+    assert (out / "curves.png").is_file()
+
+
 def test_cli_refuses_a_float32_spread_of_a_float32_run(capsys):
-    spec = importlib.util.spec_from_file_location("fidelity_script", ROOT / "scripts" / "fidelity.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script()
     assert script.main(["--spread", "float32"]) == 2
     assert "--spread order" in capsys.readouterr().err
     for bad in ("fp32", "order,order"):
