@@ -20,8 +20,9 @@ LAYERS, BATCH, LENGTH = 4, 2, 512
 # The JAX bf16 error from fp32 over mamba_ssm's own bf16 error. Measured here (one H200,
 # 2026-12-03): auto (mosaic) logits x1.145, worst gradient x1.23 (x_proj); pallas x1.147 and
 # x1.20 (norm). The bound leaves room for mamba_ssm's bf16, which differs from run to run
-# (HISTORY.md). pallas:fuse=true passed under 3.0 in the same run, but its
-# printed ratios were lost, so it keeps that first bound until it is measured.
+# (HISTORY.md). pallas:fuse=true passed under 3.0 in the same run, but its printed ratios
+# were lost, so it keeps that first bound until it is measured (`pytest -m gpu -rA` shows
+# them).
 RATIO = {"auto": 1.5, "pallas": 1.5, "pallas:fuse=true": 3.0}
 
 
