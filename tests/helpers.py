@@ -1,14 +1,25 @@
 """Helpers shared by the tests: rel_err, where test data lives, a locally trained tokenizer."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = REPO / "tests" / "fixtures"
+
+def load_script(name: str) -> ModuleType:
+    """scripts/<name>.py as a module, so tests call its `main` in process (a subprocess
+    would spend longer importing JAX than the test runs)."""
+    spec = importlib.util.spec_from_file_location(f"{name}_script", REPO / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
 
 # Read-only reference data next to the repository (`<repo>/../shared/data`); a fresh clone
 # elsewhere has none. BIOMAMBA_SHARED_DATA points the tests at another folder, e.g.

@@ -4,7 +4,6 @@ and the fix, never a traceback. New names are imported inside the tests that use
 each test fails on its own on code without the fix."""
 import contextlib
 import gzip
-import importlib.util
 import json
 import os
 import shutil
@@ -27,6 +26,7 @@ from biomamba_jax.data.tokenizer import write_byte_level_tokenizer
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # conversions/ is not installed
 from conversions import jax_to_torch, torch_to_jax  # noqa: E402
+from helpers import load_script
 
 TINY_BIOASQ = REPO / "tests" / "fixtures" / "bioasq" / "training_tiny.json"
 
@@ -42,13 +42,6 @@ OFFICIAL_HF_CONFIG = {
     "time_step_rank": 48, "time_step_scale": 1.0, "torch_dtype": "float32", "transformers_version": "4.39.0.dev0",
     "use_bias": False, "use_cache": True, "use_conv_bias": True, "vocab_size": 50280,
 }
-
-
-def _script(name):
-    spec = importlib.util.spec_from_file_location(f"{name}_script", REPO / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _one_line_error(err: str, *fragments: str) -> None:
@@ -347,7 +340,7 @@ def test_non_utf8_bioasq_file_is_one_line_naming_file_and_fix(tmp_path):
 
 def _evaluate(argv, capsys):
     capsys.readouterr()
-    code = _script("evaluate").main(argv)
+    code = load_script("evaluate").main(argv)
     return code, capsys.readouterr()
 
 
@@ -446,7 +439,7 @@ def test_finetune_skip_too_long_false_stops_with_the_fix(tmp_path):
 
 def test_finetune_cli_reports_a_non_utf8_file_in_one_line(tmp_path, capsys):
     path = _latin1(tmp_path)
-    code = _script("finetune").main([
+    code = load_script("finetune").main([
         "--preset", "finetune-smoke", "model.init=random", "model.preset=tiny", "model.vocab_size=264",
         "data.tokenizer=offline-bytes", "finetune.eval_files=[]", "finetune.max_tokens=96",
         "batch.global_batch_tokens=192", "batch.micro_batch_per_device=2", "--out-dir", str(tmp_path / "run"),
@@ -457,7 +450,7 @@ def test_finetune_cli_reports_a_non_utf8_file_in_one_line(tmp_path, capsys):
 
 def test_finetune_cli_override_after_train_is_named(tmp_path, capsys):
     with pytest.raises(SystemExit) as caught:
-        _script("finetune").main(["--train", str(TINY_BIOASQ), "finetune.epochs=2"])
+        load_script("finetune").main(["--train", str(TINY_BIOASQ), "finetune.epochs=2"])
     assert caught.value.code == 2
     assert "'finetune.epochs=2' looks like an override: give overrides before --train" in capsys.readouterr().err
 

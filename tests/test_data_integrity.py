@@ -3,7 +3,6 @@ other shards, the loader refuses shards that changed since (by size always, by s
 request), and the smoke preset writes its synthetic corpus only where nothing else lives.
 New names are imported inside the tests that use them, so each test fails on its own on
 code without the fix."""
-import importlib.util
 import json
 from pathlib import Path
 
@@ -13,16 +12,9 @@ from biomamba_jax.data import PrepareError, make_lm_loader, prepare_pubmed, read
 from biomamba_jax.data.tokenizer import write_byte_level_tokenizer
 from biomamba_jax.training.config import load_run_config
 from biomamba_jax.training.loop import RunError
+from helpers import load_script
 
-REPO = Path(__file__).resolve().parents[1]
 SHARD_TOKENS = 3000  # several shards per split from a few small files
-
-
-def _script(name):
-    spec = importlib.util.spec_from_file_location(f"{name}_script", REPO / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +75,7 @@ def test_every_input_failing_leaves_no_folder_it_created(sources, tmp_path):
 
 
 def test_cli_all_inputs_failing_exits_1_and_leaves_nothing(sources, tmp_path, capsys):
-    code = _script("prepare_pubmed").main([str(sources["broken"]), "--out", str(tmp_path / "out"), "--workers", "1",
+    code = load_script("prepare_pubmed").main([str(sources["broken"]), "--out", str(tmp_path / "out"), "--workers", "1",
                                            "--tokenizer", sources["tokenizer"], "--no-progress"])
     assert code == 1 and "No input file could be read" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
@@ -117,7 +109,7 @@ def test_verify_checks_every_shards_sha256(dataset):
 
 
 def test_prepare_pubmed_cli_verify(dataset, capsys):
-    script = _script("prepare_pubmed")
+    script = load_script("prepare_pubmed")
     assert script.main(["--verify", "--out", str(dataset)]) == 0
     assert "sizes and sha256 match" in capsys.readouterr().out
     shard = _first_shard(dataset)
@@ -201,7 +193,7 @@ def test_smoke_reads_a_prepared_dataset_it_did_not_make_without_writing(dataset,
 
 def test_pretrain_cli_data_dir_means_real_data(tmp_path, capsys):
     missing = tmp_path / "nonexistent"
-    code = _script("pretrain").main(["--preset", "smoke", "--data-dir", str(missing),
+    code = load_script("pretrain").main(["--preset", "smoke", "--data-dir", str(missing),
                                      f"run.out_dir={tmp_path / 'run'}", "run.steps=1", "run.export_hf=false"])
     assert code == 2
     err = capsys.readouterr().err

@@ -1,6 +1,5 @@
 """scripts/evaluate.py: JAX and transformers scores agree on the same Mamba, the report and
 its cache, and bad inputs named before any compute."""
-import importlib.util
 import json
 import math
 from pathlib import Path
@@ -10,11 +9,10 @@ import pytest
 from biomamba_jax.evaluation.evaluate import EvalInputError, load_sets, resolve_models
 from biomamba_jax.data.tokenizer import load_tokenizer, write_byte_level_tokenizer
 from torch_models import random_hf_mamba
+from helpers import load_script
 
 REPO = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("evaluate_script", REPO / "scripts" / "evaluate.py")
-evaluate_script = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(evaluate_script)
+evaluate_script = load_script("evaluate")
 
 TINY = REPO / "tests" / "fixtures" / "bioasq" / "training_tiny.json"
 

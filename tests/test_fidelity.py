@@ -1,8 +1,6 @@
 """The training-fidelity tool (`scripts/fidelity.py`): JAX and transformers train alike in fp32 on the CPU."""
 import dataclasses
-import importlib.util
 import json
-from pathlib import Path
 
 import jax
 import numpy as np
@@ -11,11 +9,11 @@ import pytest
 from biomamba_jax import fidelity
 from biomamba_jax.training.config import OptimSection
 from biomamba_jax.training.step import lr_schedule, weight_decay_mask
+from helpers import load_script
 
 pytest.importorskip("torch", reason="the torch side of the comparison needs torch")
 pytest.importorskip("transformers", reason="the CPU reference is transformers' MambaForCausalLM")
 
-ROOT = Path(__file__).resolve().parents[1]
 STEPS, BATCH, LENGTH, VOCAB = 6, 2, 32, 64
 # The pretraining recipe, with an lr high enough that 6 steps move the loss visibly and
 # that decaying the wrong parameters shows; the warmup puts a zero-lr first step in.
@@ -113,16 +111,9 @@ def test_compare_curves_skips_early_steps():
         fidelity.compare_curves([1.0], [1.0, 2.0])
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("fidelity_script", ROOT / "scripts" / "fidelity.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    return script
-
-
 def test_cli_writes_results_and_plot(tmp_path):
     # In process: a subprocess would spend longer importing jax and torch than training.
-    script = load_script()
+    script = load_script("fidelity")
     out = tmp_path / "run"
     assert script.main(["--size", "tiny", "--vocab-size", str(VOCAB), "--steps", "3", "--batch", "2", "--length",
                         "16", "--warmup", "1", "--scan-impl", "reference", "--torch-impl", "transformers",
@@ -150,7 +141,7 @@ def test_cli_writes_results_and_plot(tmp_path):
 
 
 def test_a_run_cut_short_keeps_the_curves_it_finished(tmp_path, monkeypatch):
-    script = load_script()
+    script = load_script("fidelity")
 
     def cut(*args, **kwargs):
         raise KeyboardInterrupt  # as when a run is stopped during the JAX curve
@@ -166,7 +157,7 @@ def test_a_run_cut_short_keeps_the_curves_it_finished(tmp_path, monkeypatch):
 
 
 def test_cli_refuses_a_float32_spread_of_a_float32_run(capsys):
-    script = load_script()
+    script = load_script("fidelity")
     assert script.main(["--spread", "float32"]) == 2
     assert "--spread order" in capsys.readouterr().err
     for bad in ("fp32", "order,order"):

@@ -1,6 +1,5 @@
 """End-to-end runs of scripts/pretrain.py on CPU: smoke, resume, preemption, kill -9,
 multi-process start-up, and the early errors."""
-import importlib.util
 import json
 import os
 import random
@@ -18,6 +17,7 @@ import pytest
 from biomamba_jax.training.config import RunConfigError, load_run_config
 from biomamba_jax.training.loop import RunError
 from biomamba_jax.training.pretrain import pretrain
+from helpers import load_script
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "pretrain.py"
@@ -25,13 +25,6 @@ SCRIPT = REPO / "scripts" / "pretrain.py"
 # A run small enough for CPU tests: tiny model, 32-token rows, 8 rows per step.
 FAST = ["data.seq_len=32", "batch.global_batch_tokens=256", "batch.micro_batch_per_device=4",
         "run.log_every=1", "run.eval_every=1000", "run.export_hf=false", "optim.warmup_steps=2"]
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("pretrain_script", SCRIPT)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    return script
 
 
 def env(devices: int = 1) -> dict:
@@ -67,7 +60,7 @@ def test_cli_smoke_run_writes_every_output(tmp_path, capsys):
     fast = [option for option in FAST if not option.startswith("run.export_hf")]
     argv = ["--preset", "smoke", f"run.out_dir={tmp_path / 'run'}", f"data.dir={tmp_path / 'data'}",
             "data.synthetic_docs_per_file=40", *fast, "run.steps=3", "run.eval_every=3", "run.eval_batches=1"]
-    assert load_script().main(argv) == 0
+    assert load_script("pretrain").main(argv) == 0
     out = capsys.readouterr().out
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert [step for step, _ in summary["losses"]] == [1, 2, 3]
@@ -227,7 +220,7 @@ def test_early_errors_name_the_problem(tmp_path, capsys):
         pretrain(load_run_config("smoke", overrides=[f"data.dir={tmp_path / 'missing'}", "data.synthetic_files=0",
                                                      f"run.out_dir={tmp_path / 'o'}"]), log=lambda *_: None)
     capsys.readouterr()
-    assert load_script().main(["--preset", "smoke", "batch.micro_batch_per_device=3", f"run.out_dir={tmp_path / 'o'}",
+    assert load_script("pretrain").main(["--preset", "smoke", "batch.micro_batch_per_device=3", f"run.out_dir={tmp_path / 'o'}",
                                f"data.dir={tmp_path / 'd'}"]) == 2
     assert "micro_batch_per_device to one of" in capsys.readouterr().err
     assert not (tmp_path / "o").exists() and not (tmp_path / "d").exists()  # rejected before anything was written

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import importlib.util
 import json
 from pathlib import Path
 
@@ -27,7 +26,7 @@ from biomamba_jax.data.pubmed import (
 from biomamba_jax.data.synthetic import write_synthetic_pubmed
 from biomamba_jax.data.tokenizer import load_tokenizer
 
-from helpers import FIXTURES, REPO, SHARED_PUBMED_RECORD, STRUCTURED_RECORD
+from helpers import FIXTURES, SHARED_PUBMED_RECORD, STRUCTURED_RECORD, load_script
 
 BASELINE = FIXTURES / "pubmed" / "fixture25n0001.xml"
 UPDATE = FIXTURES / "pubmed" / "fixture25n0002.xml"
@@ -281,9 +280,7 @@ def test_rerun_reuses_caches_and_finished_shards_and_repairs_partial_ones(tmp_pa
 
 
 def test_prepare_script_help_and_run(tmp_path, tokenizer_path, capsys):
-    spec = importlib.util.spec_from_file_location("prepare_pubmed_script", REPO / "scripts" / "prepare_pubmed.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script("prepare_pubmed")
     with pytest.raises(SystemExit):
         script.main(["--help"])
     assert "--val-fraction" in capsys.readouterr().out
@@ -328,9 +325,7 @@ def test_download_verifies_md5_through_file_url(tmp_path):
 
 def test_download_then_prepare_via_script(tmp_path, tokenizer_path):
     base_url = _serve_baseline(tmp_path)
-    spec = importlib.util.spec_from_file_location("prepare_pubmed_script", REPO / "scripts" / "prepare_pubmed.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script("prepare_pubmed")
     out = tmp_path / "out"
     argv = ["--download", "1", "--base-url", base_url, "--file-prefix", "testbase25n", "--out", str(out),
             "--tokenizer", str(tokenizer_path), "--workers", "1", "--no-progress", "--val-fraction", "0"]
