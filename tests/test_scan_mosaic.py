@@ -91,3 +91,35 @@ def test_mosaic_resets_in_the_interpreter_match_the_contract():
     assert rel_err(y, y_ref) < 1e-5 and rel_err(final, final_ref) < 1e-5
     for name in grads_ref:
         assert rel_err(grads[name], grads_ref[name]) < 1e-5, name
+
+
+@pytest.mark.parametrize("length,channels,d_state,with_resets", [(2048, 256, 16, True), (37, 200, 5, False)])
+def test_mosaic_kernels_build_for_hopper_on_a_cpu(monkeypatch, length, channels, d_state, with_resets):
+    """Forward and backward kernels lower for CUDA here (no GPU needed), with the Lane
+    semantics they are written for. Under Lane a TMA copy must move a multiple of 128 bytes,
+    which the reset row once broke; jax 0.11's default, Warpgroup, spent 13 of 14 s of the
+    build in layout inference (benchmarks/HISTORY.md)."""
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    from biomamba_jax.model import scan_mosaic
+
+    monkeypatch.setattr(scan_mosaic, "device_reason", lambda: None)
+    semantics = []
+    original_kernel = plgpu.kernel
+
+    def recording_kernel(*args, compiler_params, **kwargs):
+        semantics.append(compiler_params.lowering_semantics)
+        return original_kernel(*args, compiler_params=compiler_params, **kwargs)
+
+    monkeypatch.setattr(plgpu, "kernel", recording_kernel)
+    x = small_inputs(0, 2, length, channels, d_state)
+    x = {k: v.astype(jnp.bfloat16) if k in ("u", "delta", "z", "B", "C") else v for k, v in x.items()}
+    resets = jnp.zeros((2, length), bool).at[:, ::7].set(True) if with_resets else None
+
+    def loss(x):
+        y, final = mosaic_selective_scan(**x, delta_softplus=True, resets=resets)
+        return jnp.sum(y.astype(jnp.float32)) + jnp.sum(final)
+
+    lowered = jax.jit(jax.grad(loss)).trace(x).lower(lowering_platforms=("cuda",))
+    assert "selective_scan_fwd" in lowered.as_text() and "selective_scan_bwd" in lowered.as_text()
+    assert semantics == [plgpu.LoweringSemantics.Lane] * 2
