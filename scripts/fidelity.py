@@ -195,32 +195,51 @@ def detailed_step(args, config, trained, trained_dir, rows, torch_impl) -> dict:
     return {"reference": f"{torch_impl} float32", "baseline": baseline, "rows": int(rows.shape[0]), "runs": report}
 
 
-def decoding(args, config, trained, trained_dir, prompts, torch_impl) -> dict:
+def decoding(args, config, trained, trained_dir, prompts, torch_impl, keep=lambda partial: None) -> dict:
+    """Greedy decoding of `prompts` by torch and JAX, bf16 and fp32. Each pair is compared as
+    soon as both sides have decoded, and `keep` gets what is done after every decoder, so a
+    run cut short keeps the pairs it finished."""
     torch_kwargs = {"torch_impl": torch_impl, "device": args.torch_device}
-    tokens, logits = {}, {}
+    tokens, logits, report = {}, {}, {}
+    pairs = [("jax bfloat16", f"{torch_impl} bfloat16"), (f"{torch_impl} bfloat16", f"{torch_impl} float32"),
+             ("jax float32", f"{torch_impl} float32")]
     began = time.perf_counter()
-    for dtype in ("bfloat16", "float32"):
-        tokens[f"{torch_impl} {dtype}"], logits[f"{torch_impl} {dtype}"] = fidelity.torch_greedy(
-            trained_dir, prompts, args.decode_tokens, dtype=dtype, **torch_kwargs)
-        release_torch_memory()
-        print(f"greedy {torch_impl} {dtype}: done at {time.perf_counter() - began:.0f} s")
-    for dtype, precision in (("bfloat16", None), ("float32", "highest")):  # highest: no TF32 in fp32
-        with jax.default_matmul_precision(precision):
-            tokens[f"jax {dtype}"] = fidelity.jax_greedy(config.replace(dtype=dtype), trained, prompts,
-                                                         args.decode_tokens)
-        print(f"greedy jax {dtype}: done at {time.perf_counter() - began:.0f} s")
-    pairs = [("jax bfloat16", f"{torch_impl} bfloat16"), ("jax float32", f"{torch_impl} float32"),
-             (f"{torch_impl} bfloat16", f"{torch_impl} float32")]
-    report = {}
-    for candidate, reference in pairs:
-        entry = fidelity.prefix_agreement(tokens[reference], tokens[candidate])
-        entry["divergences"] = fidelity.divergence_gaps(tokens[reference], tokens[candidate], logits[reference])
-        report[f"{candidate} vs {reference}"] = entry
-        steps = [round(d["gap_in_bf16_steps"], 1) for d in entry["divergences"]]
-        print(f"greedy {candidate} vs {reference}: {entry['fraction']:.3f} of tokens before the first divergence, "
-              f"{entry['rows_identical']}/{entry['rows']} rows identical; gaps at divergence in bf16 steps {steps}")
-    return {"prompts": int(prompts.shape[0]), "prompt_length": args.prompt_length, "new_tokens": args.decode_tokens,
-            "pairs": report, "tokens": {name: value.tolist() for name, value in tokens.items()}}
+
+    def torch_decoder(dtype):
+        def decode():
+            tokens[f"{torch_impl} {dtype}"], logits[f"{torch_impl} {dtype}"] = fidelity.torch_greedy(
+                trained_dir, prompts, args.decode_tokens, dtype=dtype, **torch_kwargs)
+            release_torch_memory()
+        return f"{torch_impl} {dtype}", decode
+
+    def jax_decoder(dtype, precision):
+        def decode():
+            with jax.default_matmul_precision(precision):
+                tokens[f"jax {dtype}"] = fidelity.jax_greedy(config.replace(dtype=dtype), trained, prompts,
+                                                             args.decode_tokens)
+        return f"jax {dtype}", decode
+
+    def summary():
+        return {"prompts": int(prompts.shape[0]), "prompt_length": args.prompt_length, "new_tokens": args.decode_tokens,
+                "pairs": dict(report), "tokens": {name: value.tolist() for name, value in tokens.items()}}
+
+    # In the order the pairs complete: the bf16 comparison first, the slow fp32 JAX last.
+    for name, decode in (torch_decoder("bfloat16"), jax_decoder("bfloat16", None), torch_decoder("float32"),
+                         jax_decoder("float32", "highest")):  # highest: no TF32 in fp32
+        decode()
+        print(f"greedy {name}: done at {time.perf_counter() - began:.0f} s")
+        for candidate, reference in pairs:
+            key = f"{candidate} vs {reference}"
+            if key in report or candidate not in tokens or reference not in tokens:
+                continue
+            entry = fidelity.prefix_agreement(tokens[reference], tokens[candidate])
+            entry["divergences"] = fidelity.divergence_gaps(tokens[reference], tokens[candidate], logits[reference])
+            report[key] = entry
+            steps = [round(d["gap_in_bf16_steps"], 1) for d in entry["divergences"]]
+            print(f"greedy {key}: {entry['fraction']:.3f} of tokens before the first divergence, "
+                  f"{entry['rows_identical']}/{entry['rows']} rows identical; gaps at divergence in bf16 steps {steps}")
+        keep(summary())
+    return summary()
 
 
 def main(argv=None) -> int:
@@ -321,9 +340,13 @@ def main(argv=None) -> int:
                                                     held_out[:args.detail_rows], torch_impl)
                 save()
             if args.decode_prompts:
-                results["greedy"] = decoding(args, config, trained, trained_dir,
-                                             held_out[:args.decode_prompts, :args.prompt_length], torch_impl)
-                save()
+
+                def keep_greedy(partial):
+                    results["greedy"] = partial
+                    save()
+
+                decoding(args, config, trained, trained_dir, held_out[:args.decode_prompts, :args.prompt_length],
+                         torch_impl, keep=keep_greedy)
     return 0
 
 

@@ -156,6 +156,27 @@ def test_a_run_cut_short_keeps_the_curves_it_finished(tmp_path, monkeypatch):
     assert (out / "curves.png").is_file()
 
 
+def test_decoding_cut_short_keeps_the_pairs_it_finished(tmp_path, monkeypatch):
+    script = load_script("fidelity")
+    decode = fidelity.jax_greedy
+
+    def cut_in_float32(config, *args, **kwargs):
+        if config.dtype == "float32":
+            raise KeyboardInterrupt  # as when a run is stopped during the last, slowest decoder
+        return decode(config, *args, **kwargs)
+
+    monkeypatch.setattr(fidelity, "jax_greedy", cut_in_float32)
+    out = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        script.main(["--size", "tiny", "--vocab-size", str(VOCAB), "--steps", "1", "--batch", "1", "--length", "8",
+                     "--scan-impl", "reference", "--torch-impl", "transformers", "--decode-prompts", "2",
+                     "--prompt-length", "4", "--decode-tokens", "3", "--out", str(out)])
+    greedy = json.loads((out / "results.json").read_text())["greedy"]
+    assert set(greedy["pairs"]) == {"jax bfloat16 vs transformers bfloat16",
+                                    "transformers bfloat16 vs transformers float32"}
+    assert set(greedy["tokens"]) == {"transformers bfloat16", "jax bfloat16", "transformers float32"}
+
+
 def test_cli_refuses_a_float32_spread_of_a_float32_run(capsys):
     script = load_script("fidelity")
     assert script.main(["--spread", "float32"]) == 2
