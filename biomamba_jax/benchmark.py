@@ -32,7 +32,9 @@ from biomamba_jax.training.cross_entropy import resolve_loss_impl
 from biomamba_jax.training.profiling import profile_ops
 from biomamba_jax.training.step import TrainState, compiled_memory, make_optimizer, make_train_step
 
-__all__ = ["model_for", "time_train", "time_prefill", "time_decode", "time_scan"]
+__all__ = ["model_for", "time_train", "time_torch_train", "time_prefill", "time_decode", "time_scan", "TORCH_IMPLS"]
+
+TORCH_IMPLS = ("mamba_ssm", "transformers")
 
 GiB = 2**30
 
@@ -136,6 +138,78 @@ def time_train(config: RunConfig, model_config: MambaConfig, batch: int, length:
     return _with_profile(row, run, profile)
 
 
+def time_torch_train(config: RunConfig, model_config: MambaConfig, batch: int, length: int, *,
+                     torch_impl: str = "mamba_ssm", warmup: int = 2, repeats: int = 5, device: Optional[str] = None,
+                     seed: int = 0) -> dict:
+    """The PyTorch reference's own training step on the same model and shapes: what our
+    step's speed is compared with. mamba_ssm's `MambaLMHeadModel` (its CUDA kernels) or
+    transformers' `MambaForCausalLM`, a random init, bf16 autocast when the model's dtype is
+    bfloat16, AdamW fused on a GPU with the run's lr, betas, eps and weight decay (the same
+    decay mask), clipping and the fp32 cross-entropy over every target: the same work as
+    `time_train`, without its document resets, which mamba_ssm cannot do. Memory is
+    PyTorch's peak allocation over the timed steps. Torch is imported here only."""
+    import torch
+
+    from biomamba_jax.fidelity import torch_decays
+
+    if torch_impl not in TORCH_IMPLS:
+        raise ValueError(f"torch_impl={torch_impl!r}; choose one of {TORCH_IMPLS}")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(seed)
+    if torch_impl == "mamba_ssm":
+        from mamba_ssm.models.config_mamba import MambaConfig as MambaSsmConfig
+        from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel
+
+        model = MambaLMHeadModel(MambaSsmConfig(**model_config.to_mamba_ssm_dict()), device=device)
+    else:
+        from transformers import MambaConfig as HfMambaConfig
+        from transformers import MambaForCausalLM
+
+        model = MambaForCausalLM(HfMambaConfig(**model_config.to_hf_dict())).to(device)
+    model.train()
+    optim = config.optim
+    named = list(model.named_parameters())
+    groups = [{"params": [p for n, p in named if torch_decays(n)], "weight_decay": optim.weight_decay},
+              {"params": [p for n, p in named if not torch_decays(n)], "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW(groups, lr=optim.peak_lr, betas=(optim.beta1, optim.beta2), eps=optim.eps,
+                                  fused=device.startswith("cuda"))
+    generator = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, model_config.vocab_size - 8, (batch, length + 1), generator=generator).to(device)
+    autocast = torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16,
+                              enabled=model_config.dtype == "bfloat16")
+
+    def step():
+        with autocast:
+            logits = model(tokens[:, :-1]).logits
+        loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]),
+                                                 tokens[:, 1:].reshape(-1))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), optim.clip_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss
+
+    synchronize = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    for _ in range(warmup):
+        step()
+    synchronize()
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        loss = step()
+        synchronize()
+        times.append(time.perf_counter() - start)
+    median = statistics.median(times)
+    peak = round(torch.cuda.max_memory_allocated() / GiB, 2) if device.startswith("cuda") else None
+    return {"workload": "train", "framework": torch_impl, "batch": batch, "length": length,
+            "d_model": model_config.d_model, "layers": model_config.n_layer, "dtype": model_config.dtype,
+            "params_M": round(sum(p.numel() for p in model.parameters()) / 1e6, 1), "step_s": round(median, 4),
+            "tokens_per_s": round(batch * length / median), "times_s": [round(t, 4) for t in times],
+            "peak_GiB": peak, "loss": loss.item()}
+
+
 def time_prefill(model_config: MambaConfig, length: int, *, batch: int = 1, warmup: int = 2,
                  repeats: int = 5, profile: int = 0) -> dict:
     """Tokens per second of a parallel prefill (the logits of the last position and the cache)."""
@@ -220,8 +294,9 @@ def summary_line(row: dict) -> str:
             "prefill": lambda r: f"B={r['batch']} L={r['length']}: {r['tokens_per_s']:,} tokens/s",
             "decode": lambda r: f"B={r['batch']}: {r['ms_per_token']} ms/token, {r['tokens_per_s']:,} tokens/s",
             "scan": lambda r: f"{r['mode']} {'x'.join(map(str, r['shape']))}: {r['ms']} ms"}[row["workload"]](row)
-    memory = f", {row['exe_GiB']} GiB" if row.get("exe_GiB") is not None else ""
+    size = row.get("peak_GiB") if "framework" in row else row.get("exe_GiB")  # torch: its peak allocation
+    memory = f", {size} GiB" if size is not None else ""
     compile_time = f", compile {row['compile_s']} s (lowering {row['lower_s']} s)" if "lower_s" in row else ""
-    impl = row.get("scan_impl", "")
+    impl = row.get("framework") or row.get("scan_impl", "")
     return f"{row['workload']:8s} {what}{memory}{compile_time} ({impl})"
 

@@ -4,12 +4,15 @@
     python scripts/benchmark.py --size mamba-1.4b --workloads train
     python scripts/benchmark.py --workloads scan --scan-impls pallas,chunked --scan-shape 8,2048,1536,16
     python scripts/benchmark.py --workloads train model.remat=full model.scan_layers=true
+    python scripts/benchmark.py --workloads train --torch mamba_ssm  # the reference, same model and shapes
 
 The training step and the model's run-time settings (dtype, scan impl, remat, layer scan)
 come from a run preset (`--preset`, default biomamba-130m) and `section.key=value`
 overrides, exactly as `scripts/pretrain.py` reads them. Weights and tokens are random.
 Results print one line each and, with `--out`, go to a JSON file rewritten after every
-row, so a run cut short keeps what it measured.
+row, so a run cut short keeps what it measured. `--torch` times the PyTorch reference's own
+training step instead (train only; JAX never touches the GPU in that process, so run it as
+its own command, interleaved with ours: torch, jax, torch, jax).
 """
 
 from __future__ import annotations
@@ -49,12 +52,16 @@ def parse_args(argv=None):
     p.add_argument("--profile", type=int, default=0, metavar="TOP",
                    help="trace 3 more calls of train, prefill and scan with the JAX profiler; print the TOP ops "
                         "by device time")
+    p.add_argument("--torch", choices=benchmark.TORCH_IMPLS, default=None,
+                   help="time this PyTorch implementation's training step instead of ours (train workload only)")
     p.add_argument("--out", default=None, help="JSON results file")
     p.add_argument("overrides", nargs="*", help="run config overrides, section.key=value")
     args = p.parse_args(argv)
     unknown = sorted(set(args.workloads.split(",")) - set(WORKLOADS))
     if unknown:
         p.error(f"unknown workload(s) {unknown}; choose from {', '.join(WORKLOADS)}")
+    if args.torch and args.workloads != "train":
+        p.error(f"--torch times the training step only; pass --workloads train (got {args.workloads!r})")
     return args
 
 
@@ -66,8 +73,14 @@ def main(argv=None) -> int:
     except (RunConfigError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    meta = {"command": " ".join(["python"] + sys.argv), "date": datetime.datetime.now().isoformat(timespec="seconds"),
-            "device": jax.devices()[0].device_kind, "backend": jax.default_backend(), "jax": jax.__version__}
+    meta = {"command": " ".join(["python"] + sys.argv), "date": datetime.datetime.now().isoformat(timespec="seconds")}
+    if args.torch:  # JAX must not take the GPU's memory from torch
+        import torch
+
+        meta |= {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+                 "torch": torch.__version__}
+    else:
+        meta |= {"device": jax.devices()[0].device_kind, "backend": jax.default_backend(), "jax": jax.__version__}
     results = []
 
     def record(row: dict) -> None:
@@ -83,7 +96,11 @@ def main(argv=None) -> int:
     print(json.dumps(meta), flush=True)
     for length in args.length if "train" in workloads else ():
         for batch in args.batch:
-            record(benchmark.time_train(config, model_config, batch, length, **timing))
+            if args.torch:
+                record(benchmark.time_torch_train(config, model_config, batch, length, torch_impl=args.torch,
+                                                  warmup=args.warmup, repeats=args.repeats))
+            else:
+                record(benchmark.time_train(config, model_config, batch, length, **timing))
     for length in args.prefill_length if "prefill" in workloads else ():
         record(benchmark.time_prefill(model_config, length, **timing))
     for batch in args.decode_batch if "decode" in workloads else ():

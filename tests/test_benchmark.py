@@ -44,3 +44,26 @@ def test_cli_writes_json_rows_and_rejects_bad_input(tmp_path):
     assert bad.returncode == 2 and "dtpye" in bad.stderr
     bad = subprocess.run(command[:2] + ["--workloads", "trian"], capture_output=True, text=True, cwd=REPO)
     assert bad.returncode == 2 and "trian" in bad.stderr
+
+
+def test_torch_reference_row_times_the_same_model_and_work(tmp_path):
+    """`--torch transformers` on the CPU: the reference's step on the smoke model, with the
+    run's optimizer; mamba_ssm takes the same path on a GPU."""
+    pytest.importorskip("torch")
+    from helpers import load_script
+
+    out = tmp_path / "torch.json"
+    script = load_script("benchmark")
+    assert script.main(["--preset", "smoke", "--workloads", "train", "--torch", "transformers", "--batch", "2",
+                        "--length", "16", "--warmup", "1", "--repeats", "2", "--out", str(out)]) == 0
+    saved = json.loads(out.read_text())
+    row = saved["results"][0]
+    config = load_run_config("smoke")
+    model_config = benchmark.model_for(config)
+    assert (row["framework"], row["d_model"], row["layers"]) == ("transformers", model_config.d_model,
+                                                                 model_config.n_layer)
+    assert row["tokens_per_s"] > 0 and len(row["times_s"]) == 2 and row["loss"] > 0
+    assert "torch" in saved["meta"] and "jax" not in saved["meta"]
+    assert "(transformers)" in benchmark.summary_line(row)
+    with pytest.raises(SystemExit):
+        script.parse_args(["--workloads", "train,prefill", "--torch", "mamba_ssm"])
