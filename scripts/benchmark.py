@@ -44,7 +44,8 @@ def parse_args(argv=None):
     p.add_argument("--length", type=ints, default=[2048], help="training sequence lengths (default: 2048)")
     p.add_argument("--prefill-length", type=ints, default=[8192, 65536], help="prefill lengths at batch 1")
     p.add_argument("--decode-batch", type=ints, default=[1, 32], help="decode batch sizes (prompt 128, 128 new)")
-    p.add_argument("--scan-impls", default="pallas", help="impl strings for the scan workload")
+    p.add_argument("--scan-impls", default="auto",
+                   help="impl strings for the scan workload (default: auto, what training runs here)")
     p.add_argument("--scan-shape", type=ints, action="append", default=None, metavar="B,L,E,N",
                    help="scan shape, repeatable (default: 8,2048,1536,16)")
     p.add_argument("--warmup", type=int, default=2)
