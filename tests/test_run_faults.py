@@ -1,6 +1,7 @@
 """Runs that stop, resume or meet bad settings keep what they wrote and say what to do."""
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 
@@ -207,10 +208,12 @@ def _saving_step(tmp_path) -> int:
     return int(partial[0].split(".")[0]) if partial else -1
 
 
-def test_the_plan_names_the_scan_that_runs_and_the_steps_memory(data_dir, tmp_path):
+def test_the_plan_names_the_scan_that_runs_the_steps_memory_and_the_compile_cache(data_dir, tmp_path):
     logged = []
     pretrain(config_for(data_dir, tmp_path / "plan", "run.steps=1", "model.scan_impl=auto"), log=logged.append)
     plan = "\n".join(str(line) for line in logged)
     assert "scan chunked:chunk=128:inner=associative" in plan  # "auto" on a CPU, every option spelt out
     memory = next(line for line in plan.splitlines() if line.startswith("memory"))
     assert "GiB per device for the compiled step" in memory or "not reported" in memory
+    # The compilation cache in use (the test session's own, see conftest).
+    assert f"compile      cache {jax.config.jax_compilation_cache_dir}" in plan
