@@ -37,7 +37,8 @@ from biomamba_jax.training.cross_entropy import resolve_loss_impl
 from biomamba_jax.training.profiling import profile_ops
 from biomamba_jax.training.step import TrainState, compiled_memory, make_optimizer, make_train_step
 
-__all__ = ["model_for", "time_train", "time_pretrain_loop", "time_torch_train", "time_prefill", "time_decode", "time_scan", "TORCH_IMPLS"]
+__all__ = ["model_for", "time_train", "time_pretrain_loop", "time_torch_train", "time_prefill", "time_decode",
+           "time_scan", "TORCH_IMPLS"]
 
 TORCH_IMPLS = ("mamba_ssm", "transformers")
 
@@ -150,8 +151,9 @@ def time_pretrain_loop(config: RunConfig, size: Optional[str], batch: int, lengt
     `time_train` times, with one `batch` x `length` micro-batch per device and step.
 
     The run trains the model that `model_for(config, size)` describes, from a random init,
-    for `steps` steps on a synthetic corpus it prepares through the real pipeline (byte-level tokens), in a
-    temporary folder, without the compilation cache, checkpoints between, or the export.
+    for `steps` steps on a synthetic corpus it prepares through the real pipeline
+    (byte-level tokens), in a temporary folder, without the compilation cache, checkpoints
+    between, or the export.
     The result is the median of the loop's own logged windows of `log_every` steps after
     the first two windows (the first holds the compilation)."""
     from biomamba_jax.data.tokenizer import OFFLINE_TOKENIZER
