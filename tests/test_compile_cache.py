@@ -15,7 +15,8 @@ PROBE = textwrap.dedent("""
     directory = use_compile_cache(sys.argv[1], logged.append)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
     jax.jit(lambda x: jnp.sin(x) * 2)(jnp.ones(3)).block_until_ready()
-    print(json.dumps({"directory": directory and str(directory), "logged": logged}))
+    print(json.dumps({"directory": directory and str(directory), "logged": logged,
+                      "max_bytes": jax.config.jax_compilation_cache_max_size}))
 """)
 
 
@@ -37,6 +38,7 @@ def test_auto_caches_compiled_programs_under_the_user_cache_dir(tmp_path):
     expected = tmp_path / "xdg" / "biomamba-jax" / "xla"
     assert result["directory"] == str(expected)
     assert cached_entries(expected), "the jitted program was not written to the cache"
+    assert result["max_bytes"] == 4 * 2**30  # bounded: JAX's default is no limit
 
 
 def test_a_named_dir_is_used_and_off_leaves_the_cache_unset(tmp_path):
@@ -51,6 +53,7 @@ def test_a_cache_the_process_already_has_wins(tmp_path):
     chosen = tmp_path / "from-env"
     result = run_probe("auto", tmp_path, JAX_COMPILATION_CACHE_DIR=str(chosen))
     assert result["directory"] == str(chosen)
+    assert result["max_bytes"] == -1  # the caller's cache keeps the caller's settings
     assert not (tmp_path / "xdg").exists()
 
 

@@ -103,7 +103,8 @@ class RunSection:
     profile_steps: int = 0
     # JAX's persistent compilation cache, so that a resumed or repeated run loads its
     # compiled step instead of compiling it again (14-30 s on an H200). "auto":
-    # $XDG_CACHE_HOME (else ~/.cache) /biomamba-jax/xla; "off"; or a directory. A cache
+    # $XDG_CACHE_HOME (else ~/.cache) /biomamba-jax/xla; "off"; or a directory (at most
+    # 4 GiB, least recently used entries evicted, unless JAX's own limit is set). A cache
     # that JAX_COMPILATION_CACHE_DIR or the calling code already set wins: JAX's is one
     # per process.
     compile_cache: str = "auto"

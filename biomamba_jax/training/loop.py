@@ -55,6 +55,9 @@ USER_ERRORS = (RunError, RunConfigError, ParallelConfigError, ConfigError, Conve
                FileNotFoundError)
 
 
+COMPILE_CACHE_MAX_BYTES = 4 * 2**30  # the bound of the cache this module sets up
+
+
 def use_compile_cache(setting: str, log: Callable = print) -> Optional[Path]:
     """Point JAX's persistent compilation cache at `setting` (`run.compile_cache`) unless
     this process already has one; returns the directory in use (None: off)."""
@@ -74,6 +77,10 @@ def use_compile_cache(setting: str, log: Callable = print) -> Optional[Path]:
         log(f"warning: no compilation cache ({error}); set run.compile_cache to a writable dir or 'off'")
         return None
     jax.config.update("jax_compilation_cache_dir", str(directory))
+    if jax.config.jax_compilation_cache_max_size == -1:
+        # JAX's default is no limit; runs of many configs would fill the disk over months.
+        # Beyond this, the least recently used entries go.
+        jax.config.update("jax_compilation_cache_max_size", COMPILE_CACHE_MAX_BYTES)
     return directory
 
 
