@@ -69,6 +69,7 @@ def test_torch_reference_row_times_the_same_model_and_work(tmp_path):
         script.parse_args(["--workloads", "train,prefill", "--torch", "mamba_ssm"])
 
 
+@pytest.mark.slow  # a whole pretraining run with its data preparation, beside the step
 def test_loop_row_times_pretrains_own_loop_beside_the_bare_step(tmp_path):
     """`--workloads train,loop`: the loop row comes from `scripts/pretrain.py`'s run loop (its
     metrics windows), on the same model and shapes, with its ratio to the step row."""
