@@ -38,9 +38,10 @@ from biomamba_jax.training.profiling import profile_ops
 from biomamba_jax.training.step import TrainState, compiled_memory, make_optimizer, make_train_step
 
 __all__ = ["model_for", "time_train", "time_pretrain_loop", "time_torch_train", "time_prefill", "time_decode",
-           "time_scan", "TORCH_IMPLS"]
+           "time_scan", "LOOP_LOG_EVERY", "LOOP_MIN_STEPS"]
 
-TORCH_IMPLS = ("mamba_ssm", "transformers")
+LOOP_LOG_EVERY = 5  # steps per timed window of the loop workload
+LOOP_MIN_STEPS = 4 * LOOP_LOG_EVERY  # two windows of compilation and warm-up, two timed
 
 GiB = 2**30
 
@@ -144,8 +145,8 @@ def time_train(config: RunConfig, model_config: MambaConfig, batch: int, length:
     return _with_profile(row, run, profile)
 
 
-def time_pretrain_loop(config: RunConfig, size: Optional[str], batch: int, length: int, *, steps: int = 30,
-                       log_every: int = 5) -> dict:
+def time_pretrain_loop(config: RunConfig, size: Optional[str], batch: int, length: int, *,
+                       steps: int = 30) -> dict:
     """Tokens per second per device of the pretraining run loop itself (`training.pretrain`:
     data loading, the non-finite guard, metrics, the progress bar) around the step that
     `time_train` times, with one `batch` x `length` micro-batch per device and step.
@@ -154,13 +155,14 @@ def time_pretrain_loop(config: RunConfig, size: Optional[str], batch: int, lengt
     for `steps` steps on a synthetic corpus it prepares through the real pipeline
     (byte-level tokens), in a temporary folder, without the compilation cache, checkpoints
     between, or the export.
-    The result is the median of the loop's own logged windows of `log_every` steps after
-    the first two windows (the first holds the compilation)."""
+    The result is the median of the loop's own logged windows of `LOOP_LOG_EVERY` steps
+    after the first two windows (the first holds the compilation)."""
     from biomamba_jax.data.tokenizer import OFFLINE_TOKENIZER
     from biomamba_jax.training.pretrain import pretrain
 
-    if steps < 4 * log_every:
-        raise ValueError(f"the loop needs at least {4 * log_every} steps for two timed windows of "
+    log_every = LOOP_LOG_EVERY
+    if steps < LOOP_MIN_STEPS:
+        raise ValueError(f"the loop needs at least {LOOP_MIN_STEPS} steps for two timed windows of "
                          f"{log_every}; got {steps}")
     devices = jax.device_count()
     with tempfile.TemporaryDirectory(prefix="biomamba-loop-") as work:
@@ -185,23 +187,24 @@ def time_pretrain_loop(config: RunConfig, size: Optional[str], batch: int, lengt
 
 
 def time_torch_train(config: RunConfig, model_config: MambaConfig, batch: int, length: int, *,
-                     torch_impl: str = "mamba_ssm", warmup: int = 2, repeats: int = 5, device: Optional[str] = None,
+                     torch_impl: str = "auto", warmup: int = 2, repeats: int = 5, device: Optional[str] = None,
                      seed: int = 0) -> dict:
     """The PyTorch reference's own training step on the same model and shapes: what our
     step's speed is compared with. mamba_ssm's `MambaLMHeadModel` (its CUDA kernels) or
-    transformers' `MambaForCausalLM`, a random init, bf16 autocast when the model's dtype is
+    transformers' `MambaForCausalLM` (`torch_impl`, as `fidelity.resolve_torch_impl` reads
+    it: "auto" is mamba_ssm where it imports), a random init, bf16 autocast when the model's dtype is
     bfloat16, AdamW fused on a GPU with the run's lr, betas, eps and weight decay (the same
     decay mask), clipping and the fp32 cross-entropy over every target: the same work as
     `time_train`, without its document resets, which mamba_ssm cannot do. Memory is
     PyTorch's peak allocation over the timed steps. Torch is imported here only."""
     import torch
 
-    from biomamba_jax.fidelity import torch_adamw
+    from biomamba_jax.fidelity import resolve_torch_impl, torch_adamw
 
-    if torch_impl not in TORCH_IMPLS:
-        raise ValueError(f"torch_impl={torch_impl!r}; choose one of {TORCH_IMPLS}")
+    torch_impl = resolve_torch_impl(torch_impl)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    on_gpu = torch.device(device).type == "cuda"
+    device_type = torch.device(device).type
+    on_gpu = device_type == "cuda"
     torch.manual_seed(seed)
     if torch_impl == "mamba_ssm":
         from mamba_ssm.models.config_mamba import MambaConfig as MambaSsmConfig
@@ -217,7 +220,7 @@ def time_torch_train(config: RunConfig, model_config: MambaConfig, batch: int, l
     optimizer = torch_adamw(model, config.optim, fused=on_gpu)
     generator = torch.Generator().manual_seed(seed)
     tokens = torch.randint(0, model_config.vocab_size - 8, (batch, length + 1), generator=generator).to(device)
-    autocast = torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16,
+    autocast = torch.autocast(device_type=device_type, dtype=torch.bfloat16,
                               enabled=model_config.dtype == "bfloat16")
 
     def step():

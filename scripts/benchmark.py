@@ -27,7 +27,7 @@ import sys
 
 import jax
 
-from biomamba_jax import benchmark
+from biomamba_jax import benchmark, fidelity
 from biomamba_jax.files import write_text_atomic
 from biomamba_jax.model.config import PRESETS
 from biomamba_jax.training.config import RunConfigError, list_presets, load_run_config
@@ -52,22 +52,25 @@ def parse_args(argv=None):
     p.add_argument("--scan-shape", type=ints, action="append", default=None, metavar="B,L,E,N",
                    help="scan shape, repeatable (default: 8,2048,1536,16)")
     p.add_argument("--loop-steps", type=int, default=30,
-                   help="optimizer steps of the loop workload, timed in windows of 5 after the first 10 (default: 30)")
+                   help=f"optimizer steps of the loop workload, timed in windows of {benchmark.LOOP_LOG_EVERY} "
+                        f"after the first two (default: %(default)s)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--profile", type=int, default=0, metavar="TOP",
                    help="trace 3 more calls of train, prefill and scan with the JAX profiler; print the TOP ops "
                         "by device time")
-    p.add_argument("--torch", choices=benchmark.TORCH_IMPLS, default=None,
-                   help="time this PyTorch implementation's training step instead of ours (train workload only)")
+    p.add_argument("--torch", choices=fidelity.TORCH_IMPLS, default=None,
+                   help="time this PyTorch implementation's training step instead of ours (train workload only; "
+                        "auto: mamba_ssm where it imports, else transformers)")
     p.add_argument("--out", default=None, help="JSON results file")
     p.add_argument("overrides", nargs="*", help="run config overrides, section.key=value")
     args = p.parse_args(argv)
     unknown = sorted(set(args.workloads.split(",")) - set(WORKLOADS))
     if unknown:
         p.error(f"unknown workload(s) {unknown}; choose from {', '.join(WORKLOADS)}")
-    if "loop" in args.workloads.split(",") and args.loop_steps < 20:
-        p.error(f"--loop-steps must be at least 20 (two timed windows of 5 after the first 10); got {args.loop_steps}")
+    if "loop" in args.workloads.split(",") and args.loop_steps < benchmark.LOOP_MIN_STEPS:
+        p.error(f"--loop-steps must be at least {benchmark.LOOP_MIN_STEPS} (two timed windows of "
+                f"{benchmark.LOOP_LOG_EVERY} after two of compilation and warm-up); got {args.loop_steps}")
     if args.torch and args.workloads != "train":
         p.error(f"--torch times the training step only; pass --workloads train (got {args.workloads!r})")
     return args
