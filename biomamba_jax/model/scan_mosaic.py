@@ -5,7 +5,7 @@ the GPU backend JAX keeps, and it reaches Hopper's copy engine (TMA) and mbarrie
 
 Forward kernel: one thread block (one warpgroup, 128 threads) per (128 channels, batch
 row), one channel per thread, the channel's N fp32 states in registers. The block walks
-the sequence in tiles of `TILE` tokens; each tile's rows of delta, u, z (128 channels)
+the sequence in tiles of `TILE` (32) tokens; each tile's rows of delta, u, z (128 channels)
 and of [B | C] (and the reset flags) come in by TMA, `FWD_STAGES` tiles ahead of the one
 being computed. Per token a thread applies the dt bias and softplus, runs its N state
 updates (exp2 of A pre-scaled by log2(e)), contracts with C, adds the D skip and applies
@@ -13,14 +13,18 @@ the SiLU gate, and writes its y straight to global memory; B and C are read from
 memory as values every thread of a warp shares. When a gradient is needed the forward
 also writes the state entering every tile (B, L / TILE, N, E).
 
-Backward kernel: the same grid, walking tiles in reverse. Per tile, pass 1 restarts from
-the saved state and writes the state entering every token of the tile to shared memory
-(each thread only its own channel's column, so no barrier is needed); pass 2 walks the
-tile's tokens backwards, recomputing each token's decays and state from that history and
-running the adjoint g_{t-1} = exp(delta_t A) (g_t + dy_t C_t). dB and dC are sums over
-channels: each token's 2N products are summed over a warp's 32 lanes by a butterfly
-reduce-scatter of warp shuffles, the four warps' rows are added once per tile, and each
-block writes its partial sums, which XLA adds over the channel blocks. dA, dD and the dt
+Backward kernel: the same grid, walking tiles in reverse, each tile in two halves (the state
+history of a whole tile would not fit in shared memory). Per tile, the state entering its
+upper half is recomputed from the saved state; then per half, upper first, pass 1 writes
+the state entering each of its tokens to shared memory (each thread only its own channel's
+column, so no barrier is needed) and pass 2 walks the half's tokens backwards, recomputing
+each token's decays and state from that history and running the adjoint
+g_{t-1} = exp(delta_t A) (g_t + dy_t C_t). Saving one state per 32 tokens rather than per
+16 costs those 16 recomputed tokens per tile and halves the largest activation a training
+step keeps. dB and dC are sums over channels: each token's 2N products are summed over a
+warp's 32 lanes by a butterfly reduce-scatter of warp shuffles, the four warps' rows are
+added once per half tile, and each block writes its partial sums, which XLA adds over the
+channel blocks. dA, dD and the dt
 bias gradient are summed per thread over the sequence and over the batch by XLA.
 
 Document resets (`resets`, True at the first token of a document) enter as a per-token
@@ -56,13 +60,15 @@ from biomamba_jax.model.scan_options import MosaicOptions
 __all__ = ["MAX_D_STATE", "TILE", "MosaicOptions", "device_reason", "mosaic_selective_scan", "unsupported_reason"]
 
 f32 = jnp.float32
-TILE = 16  # tokens per TMA tile; the forward saves the state entering every tile
+TILE = 32  # tokens per TMA tile; the forward saves the state entering every tile
+HALF = TILE // 2  # tokens of the backward's state history (a whole tile's would not fit)
 BLOCK = 128  # channels per thread block: one per thread of a warpgroup
 FWD_STAGES = 3  # tiles in flight in the forward
-BWD_STAGES = 2  # ... and in the backward, whose shared memory also holds a tile of states
+BWD_STAGES = 2  # ... and in the backward, whose shared memory also holds the state history
+_SMEM_BYTES = 226 * 1024  # Hopper's 227 KB of shared memory per block, less Mosaic's own use
 FWD_UNROLL = 4  # tokens per iteration of the in-tile loops
 BWD_UNROLL = 2
-MAX_D_STATE = 16  # the backward's state history (TILE x N x 128 fp32) fills shared memory at 16
+MAX_D_STATE = 16  # the backward's state history (HALF x N x 128 fp32) fills shared memory at 16
 _WARP = 32
 _WARPS = BLOCK // _WARP
 _LOG2E = math.log2(math.e)
@@ -70,10 +76,6 @@ _LN2 = math.log(2.0)
 _MASKED_RAW_DELTA = -1.0e4  # softplus(-1e4 + bias) is exactly 0 in fp32
 _RESET_PENALTY = 1.0e30  # added to delta in the decay of a reset token: exp2(-huge) = 0
 _LINE = plgpu.Layout.WG_STRIDED((BLOCK,), vec_size=1)  # thread i holds channel i
-# Reset penalties travel as one 128-byte row per tile (the first TILE floats used): TMA
-# writes shared memory at 128-byte aligned addresses, and under the Lane semantics a copy
-# must move a multiple of 128 bytes (one per thread of the warpgroup).
-_PEN_ROW = max(TILE, 32)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -179,7 +181,10 @@ def _tile_scratch(cfg: _Config, arrays: dict, lines: list[str], stages: int) -> 
     scratch = {name: plgpu.SMEM((stages, TILE, BLOCK), arrays[name].dtype) for name in lines}
     scratch["bc"] = plgpu.SMEM((stages, TILE, 2 * cfg.d_state), f32)
     if cfg.has_resets:
-        scratch["pen"] = plgpu.SMEM((stages, _PEN_ROW), f32)
+        # A tile's penalties are one 128-byte row: TMA writes shared memory at 128-byte
+        # aligned addresses, and a copy under the Lane semantics moves a multiple of 128
+        # bytes (one per thread of the warpgroup).
+        scratch["pen"] = plgpu.SMEM((stages, TILE), f32)
     copies = len(lines) + 1 + int(cfg.has_resets)
     scratch["bars"] = plgpu.Barrier(num_arrivals=copies, num_barriers=stages)
     return scratch
@@ -193,7 +198,7 @@ def _fetch(cfg: _Config, ins: dict, scratch: dict, lines: list[str], b, cols, ti
         plgpu.copy_gmem_to_smem(ins[name].at[b, rows, cols], scratch[name].at[slot], bar)
     plgpu.copy_gmem_to_smem(ins["bc"].at[b, rows], scratch["bc"].at[slot], bar)
     if cfg.has_resets:
-        plgpu.copy_gmem_to_smem(ins["pen"].at[b, tile], scratch["pen"].at[slot], bar)
+        plgpu.copy_gmem_to_smem(ins["pen"].at[b, rows], scratch["pen"].at[slot], bar)
 
 
 class _Token:
@@ -343,6 +348,15 @@ def _lane_sums_store(ref, products):
     store(ref, *products)
 
 
+def _backward_stages(cfg: _Config, arrays: dict, lines: list[str]) -> int:
+    """Tiles in flight in the backward: BWD_STAGES when they fit in shared memory beside the
+    state history and the warp sums, else one (fp32 inputs: no prefetch, slower, still right)."""
+    width = 2 * cfg.d_state
+    tile_bytes = TILE * (BLOCK * sum(jnp.dtype(arrays[name].dtype).itemsize for name in lines) + 4 * width + 4)
+    fixed_bytes = 4 * HALF * (cfg.d_state * BLOCK + 2 * _WARPS * width)
+    return BWD_STAGES if fixed_bytes + BWD_STAGES * tile_bytes <= _SMEM_BYTES else 1
+
+
 @functools.partial(jax.jit, static_argnums=0)
 def _backward_call(cfg: _Config, arrays: dict):
     """Cotangents of the kernel inputs: d(delta), du, dz (B, L, E) in their dtypes, d[B | C]
@@ -359,13 +373,14 @@ def _backward_call(cfg: _Config, arrays: dict):
     out_type = ([line_out("delta"), line_out("u")] + ([line_out("z")] if cfg.has_z else [])
                 + [jax.ShapeDtypeStruct((cfg.batch, blocks, cfg.length * width), f32),
                    per_state, per_channel, per_channel, per_state])
-    scratch_types = _tile_scratch(cfg, arrays, lines, BWD_STAGES)
-    scratch_types["history"] = plgpu.SMEM((TILE, n_state, BLOCK), f32)  # state entering each token
-    # Per-warp sums of each token's products, double-buffered by tile so that one barrier
-    # per tile orders both their writes and their reads.
+    stages = _backward_stages(cfg, arrays, lines)
+    scratch_types = _tile_scratch(cfg, arrays, lines, stages)
+    scratch_types["history"] = plgpu.SMEM((HALF, n_state, BLOCK), f32)  # state entering each token
+    # Per-warp sums of each token's products, one buffer per half tile, so that one barrier
+    # per half orders both their writes and their reads.
     warp_rows = 1 if cfg.interpret else _WARPS
-    scratch_types["warp_sums"] = plgpu.SMEM((2, warp_rows, TILE * width), f32)
-    sums_line = plgpu.Layout.WG_STRIDED((TILE * width,), vec_size=1)
+    scratch_types["warp_sums"] = plgpu.SMEM((2, warp_rows, HALF * width), f32)
+    sums_line = plgpu.Layout.WG_STRIDED((HALF * width,), vec_size=1)
 
     def body(*refs, **scratch):
         ins = dict(zip(in_names, refs))
@@ -373,7 +388,7 @@ def _backward_call(cfg: _Config, arrays: dict):
         history, warp_sums = scratch["history"], scratch["warp_sums"]
         e_block, b = lax.axis_index("e"), lax.axis_index("b")
         cols = pl.ds(e_block * BLOCK, BLOCK)
-        for step in range(min(BWD_STAGES, tiles)):
+        for step in range(min(stages, tiles)):
             _fetch(cfg, ins, scratch, lines, b, cols, tiles - 1 - step, step)
         bias = _line(ins["bias"].at[cols])
         dskip = _line(ins["dskip"].at[cols])
@@ -384,26 +399,31 @@ def _backward_call(cfg: _Config, arrays: dict):
 
         def one_tile(step, carry):
             tile = tiles - 1 - step
-            slot = lax.rem(step, BWD_STAGES)
-            parity = lax.rem(step, 2)
+            slot = lax.rem(step, stages)
             plgpu.barrier_wait(scratch["bars"].at[slot])
             bc = scratch["bc"].at[slot]
 
-            def forward_token(t, h):
-                for j in range(n_state):
-                    history[t, j, :] = h[j]
-                tok = _Token(cfg, scratch, slot, t, bias)
-                return tuple(jnp.exp2(tok.decay_delta * a2[j]) * h[j] + tok.du * bc[t, j] for j in range(n_state))
+            def forward_half(first, h, keep_history):
+                """The states through tokens first .. first + HALF - 1 of the tile, from h,
+                the state entering them; with `keep_history`, each token's entering state
+                goes to the history."""
 
-            def forward_unrolled(i, h):
-                for r in range(BWD_UNROLL):
-                    h = forward_token(i * BWD_UNROLL + r, h)
-                return h
+                def forward_token(t, h):
+                    if keep_history:
+                        for j in range(n_state):
+                            history[t - first, j, :] = h[j]
+                    tok = _Token(cfg, scratch, slot, t, bias)
+                    return tuple(jnp.exp2(tok.decay_delta * a2[j]) * h[j] + tok.du * bc[t, j]
+                                 for j in range(n_state))
 
-            h = tuple(_line(ins["states"].at[b, tile, j, cols]) for j in range(n_state))
-            lax.fori_loop(0, TILE // BWD_UNROLL, forward_unrolled, h)
+                def unrolled(i, h):
+                    for r in range(BWD_UNROLL):
+                        h = forward_token(first + i * BWD_UNROLL + r, h)
+                    return h
 
-            def backward_token(t, carry):
+                return lax.fori_loop(0, HALF // BWD_UNROLL, unrolled, h)
+
+            def backward_token(t, first, parity, carry):
                 g, (dA, dD, dbias) = carry
                 g, dA = list(g), list(dA)
                 tok = _Token(cfg, scratch, slot, t, bias)
@@ -420,7 +440,7 @@ def _backward_call(cfg: _Config, arrays: dict):
                 d_b, d_c = [], []
                 for j in range(n_state):
                     b_j, c_j = bc[t, j], bc[t, n_state + j]
-                    h_prev = _line(history.at[t, j])
+                    h_prev = _line(history.at[t - first, j])
                     decay = jnp.exp2(tok.decay_delta * a2[j])
                     h_j = decay * h_prev + tok.du * b_j
                     y = y + h_j * c_j
@@ -432,7 +452,7 @@ def _backward_call(cfg: _Config, arrays: dict):
                     d_log_decay = g[j] * h_prev  # d(loss) / d(decay), times the decay
                     dA[j] = dA[j] + d_log_decay * tok.delta
                     d_decay_delta = d_decay_delta + d_log_decay * a2[j]
-                row = warp_sums.at[parity, :, pl.ds(t * width, width)]
+                row = warp_sums.at[parity, :, pl.ds((t - first) * width, width)]
                 if cfg.interpret:  # the interpreter runs no warp shuffles: sum the whole block
                     for k, p in enumerate(d_b + d_c):
                         row[0, k] = jnp.sum(p)
@@ -449,24 +469,46 @@ def _backward_call(cfg: _Config, arrays: dict):
                 outs["du"][b, tok_index, cols] = (dy * dskip + d_du * tok.delta).astype(outs["du"].dtype)
                 return tuple(g), (tuple(dA), dD + dy * tok.u, dbias + d_delta)
 
-            def backward_unrolled(i, carry):
-                for r in range(BWD_UNROLL):
-                    carry = backward_token(TILE - 1 - (i * BWD_UNROLL + r), carry)
-                return carry
+            def backward_half(first, parity, carry):
+                """The adjoint back through tokens first + HALF - 1 .. first, whose entering
+                states are in the history; their d[B | C] warp sums go to buffer `parity`."""
 
-            carry = lax.fori_loop(0, TILE // BWD_UNROLL, backward_unrolled, carry)
-            # Every thread is done reading the slot and has written its warp's sums.
+                def unrolled(i, carry):
+                    for r in range(BWD_UNROLL):
+                        carry = backward_token(first + HALF - 1 - (i * BWD_UNROLL + r), first, parity, carry)
+                    return carry
+
+                return lax.fori_loop(0, HALF // BWD_UNROLL, unrolled, carry)
+
+            def store_sums(first, parity):
+                total = None
+                for w in range(warp_rows):
+                    part = _load(warp_sums.at[parity, w], sums_line)
+                    total = part if total is None else total + part
+                outs["dbc"][b, e_block, pl.ds((tile * TILE + first) * width, HALF * width)] = total
+
+            # The forward saved one state per tile; the history holds half a tile's. The
+            # upper half's entering state is recomputed from the tile's (16 tokens of the
+            # forward again, without history) and its adjoint runs first, then the lower
+            # half's. Saving a state per half tile instead would double the largest
+            # activation the training step keeps (fp32, B x L/TILE x N x E per layer).
+            h_start = tuple(_line(ins["states"].at[b, tile, j, cols]) for j in range(n_state))
+            h_mid = forward_half(0, h_start, keep_history=False)
+            forward_half(HALF, h_mid, keep_history=True)
+            carry = backward_half(HALF, 0, carry)
+            plgpu.commit_smem()  # every thread has written its warp's sums of the upper half
+            store_sums(HALF, 0)
+            forward_half(0, h_start, keep_history=True)
+            carry = backward_half(0, 1, carry)
+            # Every thread is done reading the slot and has written its lower half's sums
+            # (and read the upper half's: the next tile writes that buffer again).
             plgpu.commit_smem()
 
-            @pl.when(step + BWD_STAGES < tiles)
+            @pl.when(step + stages < tiles)
             def _():
-                _fetch(cfg, ins, scratch, lines, b, cols, tile - BWD_STAGES, slot)
+                _fetch(cfg, ins, scratch, lines, b, cols, tile - stages, slot)
 
-            total = None
-            for w in range(warp_rows):
-                part = _load(warp_sums.at[parity, w], sums_line)
-                total = part if total is None else total + part
-            outs["dbc"][b, e_block, pl.ds(tile * TILE * width, TILE * width)] = total
+            store_sums(0, 1)
             return carry
 
         g, (dA, dD, dbias) = lax.fori_loop(0, tiles, one_tile, (g0, sums0))
@@ -570,9 +612,7 @@ def mosaic_selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, de
     bc = jnp.concatenate([pad(B.astype(f32), last=n_extra), pad(C.astype(f32), last=n_extra)], axis=-1)
     pen = None
     if resets is not None:
-        pen = jnp.where(resets.astype(bool), _RESET_PENALTY, 0.0).astype(f32)
-        pen = jnp.pad(pen, [(0, 0), (0, l_extra)]).reshape(batch, tiles, TILE)
-        pen = jnp.pad(pen, [(0, 0), (0, 0), (0, _PEN_ROW - TILE)])
+        pen = jnp.pad(jnp.where(resets.astype(bool), _RESET_PENALTY, 0.0).astype(f32), [(0, 0), (0, l_extra)])
     per_channel = lambda x: jnp.zeros((e_pad,), f32) if x is None else pad(x.astype(f32), length_axis=None,
                                                                             last=e_extra)
     a_t = jnp.pad(A.astype(f32).T, [(0, n_extra), (0, e_extra)])
