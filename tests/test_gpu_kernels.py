@@ -154,3 +154,32 @@ def test_mosaic_resets_match_the_contract():
     assert rel_err(y, y_ref) < 1e-4 and rel_err(final, final_ref) < 1e-4
     for name in grads_ref:
         assert rel_err(grads[name], grads_ref[name]) < 1e-4, name
+
+
+@on_hopper
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_mosaic_cuts_few_long_rows_into_segments_and_matches_the_contract(dtype):
+    """One row of 4,100 tokens in 2 channel blocks: `segment_count` cuts it in 4 on any GPU
+    of 16 or more multiprocessors (the last segment padded), with resets inside a segment
+    and at a segment's first token."""
+    from biomamba_jax.model.scan_mosaic import mosaic_selective_scan, segment_count
+
+    shape = (1, 4100, 256, 16)
+    assert segment_count(shape[0], shape[1], shape[2]) >= 4
+    x = scan_inputs(7, *shape, dtype, initial_state=True)
+    resets = (jax.random.uniform(jax.random.PRNGKey(10), shape[:2]) < 0.002).at[0, 1040].set(True)
+    weights = jax.random.normal(jax.random.PRNGKey(1), shape[:3])
+
+    def loss(fn, x):
+        y, final = fn(x)
+        return jnp.sum(y.astype(jnp.float32) * weights) + jnp.sum(final ** 2), (y, final)
+
+    mosaic = lambda x: mosaic_selective_scan(**x, delta_softplus=True, resets=resets)
+    expected = lambda x: scan_with_resets(**x, resets=resets)
+    (_, (y, final)), grads = jax.jit(jax.value_and_grad(lambda x: loss(mosaic, x), has_aux=True))(x)
+    (_, (y_ref, final_ref)), grads_ref = jax.value_and_grad(lambda x: loss(expected, x), has_aux=True)(x)
+    # bf16 inputs: the only differences are where each rounds its bf16 outputs and gradients.
+    y_bound, grad_bound = (1e-4, 1e-4) if dtype == jnp.float32 else (1e-2, 2e-2)
+    assert rel_err(y, y_ref) < y_bound and rel_err(final, final_ref) < 1e-4
+    for name in grads_ref:
+        assert rel_err(grads[name], grads_ref[name]) < grad_bound, name

@@ -62,6 +62,16 @@ def interpreted(x, **kwargs):
     return lambda fn: jax.value_and_grad(lambda x: loss(x, fn), has_aux=True)(x)
 
 
+def assert_interpreted_like(x, mosaic, expected):
+    """Values, final states and every gradient of `mosaic` within 1e-5 of `expected`."""
+    run = interpreted(x)
+    (_, (y, final)), grads = run(mosaic)
+    (_, (y_ref, final_ref)), grads_ref = run(expected)
+    assert rel_err(y, y_ref) < 1e-5 and rel_err(final, final_ref) < 1e-5
+    for name in grads_ref:
+        assert rel_err(grads[name], grads_ref[name]) < 1e-5, name
+
+
 @needs_gpu_interpreter
 @pytest.mark.parametrize("use_mask,backward_stages", [(False, 2), (True, 1)])
 def test_mosaic_kernels_in_the_interpreter_match_reference(monkeypatch, use_mask, backward_stages):
@@ -74,15 +84,10 @@ def test_mosaic_kernels_in_the_interpreter_match_reference(monkeypatch, use_mask
     scan_mosaic._backward_call.clear_cache()  # traced with the other stage count otherwise
     x = small_inputs(3, 1, 45, 100, 3)
     mask = (jax.random.uniform(jax.random.PRNGKey(4), (1, 45)) > 0.3).astype(jnp.float32) if use_mask else None
-    run = interpreted(x)
     mosaic = lambda x: mosaic_selective_scan(**x, delta_softplus=True, mask=mask, approx_math=False, _interpret=True)
     reference = lambda x: selective_scan(**x, delta_softplus=True, mask=mask, return_final_state=True,
                                          impl="reference")
-    (_, (y, final)), grads = run(mosaic)
-    (_, (y_ref, final_ref)), grads_ref = run(reference)
-    assert rel_err(y, y_ref) < 1e-5 and rel_err(final, final_ref) < 1e-5
-    for name in grads_ref:
-        assert rel_err(grads[name], grads_ref[name]) < 1e-5, name
+    assert_interpreted_like(x, mosaic, reference)
 
 
 @needs_gpu_interpreter
@@ -91,14 +96,9 @@ def test_mosaic_resets_in_the_interpreter_match_the_contract():
     x = small_inputs(5, 2, 40, 128, 4)
     resets = jnp.zeros((2, 40), bool).at[0, 0].set(True).at[0, 7].set(True).at[0, 20].set(True)
     resets = resets.at[1, 16].set(True).at[1, 32].set(True).at[1, 37].set(True)
-    run = interpreted(x)
     mosaic = lambda x: mosaic_selective_scan(**x, delta_softplus=True, resets=resets, approx_math=False,
                                              _interpret=True)
-    (_, (y, final)), grads = run(mosaic)
-    (_, (y_ref, final_ref)), grads_ref = run(lambda x: scan_with_resets(**x, resets=resets))
-    assert rel_err(y, y_ref) < 1e-5 and rel_err(final, final_ref) < 1e-5
-    for name in grads_ref:
-        assert rel_err(grads[name], grads_ref[name]) < 1e-5, name
+    assert_interpreted_like(x, mosaic, lambda x: scan_with_resets(**x, resets=resets))
 
 
 @pytest.mark.parametrize("length,channels,d_state,with_resets", [(2048, 256, 16, True), (37, 200, 5, False)])
@@ -131,3 +131,29 @@ def test_mosaic_kernels_build_for_hopper_on_a_cpu(monkeypatch, length, channels,
     lowered = jax.jit(jax.grad(loss)).trace(x).lower(lowering_platforms=("cuda",))
     assert "selective_scan_fwd" in lowered.as_text() and "selective_scan_bwd" in lowered.as_text()
     assert semantics == [plgpu.LoweringSemantics.Lane] * 2
+
+
+def test_segment_count_fills_the_gpu_only_where_it_gains():
+    from biomamba_jax.model.scan_mosaic import segment_count
+
+    assert segment_count(8, 2048, 1536, multiprocessors=132) == 1  # 96 blocks already
+    assert segment_count(1, 16384, 1536, multiprocessors=132) == 8  # 12 blocks -> 96
+    assert segment_count(1, 65536, 4096, multiprocessors=132) == 4  # 32 blocks -> 128
+    assert segment_count(4, 16384, 1536, multiprocessors=132) == 1  # 2 segments would not gain
+    assert segment_count(1, 1024, 1536, multiprocessors=132) == 1  # too short to cut
+
+
+@needs_gpu_interpreter
+@pytest.mark.parametrize("with_resets", [False, True])
+def test_mosaic_segmented_rows_in_the_interpreter_match_reference(with_resets):
+    """Rows cut into 4 segments (the last one padded), an initial state, a mask, and
+    resets in the first token of a segment and inside one."""
+    x = small_inputs(6, 2, 53, 100, 3)
+    mask = jax.random.uniform(jax.random.PRNGKey(5), (2, 53)) > 0.2
+    resets = jnp.zeros((2, 53), bool).at[0, 16].set(True).at[1, 5].set(True).at[1, 40].set(True)
+    resets = resets if with_resets else None
+    mosaic = lambda x: mosaic_selective_scan(**x, delta_softplus=True, mask=mask, resets=resets, approx_math=False,
+                                             _interpret=True, _segments=4)
+    reference = lambda x: selective_scan(**x, delta_softplus=True, mask=mask, resets=resets, return_final_state=True,
+                                         impl="reference")
+    assert_interpreted_like(x, mosaic, reference)

@@ -572,17 +572,42 @@ _scan.defvjp(_scan_fwd, _scan_bwd)
 # ---------------------------------------------------------------------------------------------
 
 
+_MIN_SEGMENT = 512  # tokens: shorter segments would spend more on the passes than they gain
+_DEFAULT_SMS = 132  # an H100 SXM or H200, when the device does not say
+
+
+def segment_count(batch: int, length: int, channels: int, multiprocessors: Optional[int] = None) -> int:
+    """How many segments each row is cut into (1: none). A thread block walks its row's whole
+    sequence, so batch x channel blocks below the GPU's multiprocessor count leave some idle
+    (B=1, E=1536: 12 blocks of 132). Cut into S segments, the scan runs twice, each time
+    over L / S tokens in S times as many blocks: a gain from S = 4 on (2x), as long as the
+    blocks still fit in one wave."""
+    if multiprocessors is None:
+        multiprocessors = getattr(jax.devices()[0], "core_count", None) or _DEFAULT_SMS
+    blocks = batch * -(-channels // BLOCK)
+    segments = 1
+    while blocks * segments * 2 <= multiprocessors and length // (segments * 2) >= _MIN_SEGMENT:
+        segments *= 2
+    return segments if segments >= 4 else 1
+
+
 def mosaic_selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                           initial_state=None, mask=None, *, resets=None,
-                          approx_math: bool = MosaicOptions.approx_math, _interpret: bool = False):
+                          approx_math: bool = MosaicOptions.approx_math, _interpret: bool = False,
+                          _segments: Optional[int] = None):
     """`selective_scan`'s full contract (bias, softplus, D skip, gate, mask, resets) in the
     Mosaic GPU kernels. Returns y in u's dtype and the fp32 final state (B, E, N).
-    `_interpret` runs the kernels in Pallas' GPU interpreter (tests on a CPU)."""
+    `_interpret` runs the kernels in Pallas' GPU interpreter (tests on a CPU); `_segments`
+    overrides `segment_count`."""
     batch, length, channels = u.shape
     d_state = A.shape[-1]
     reason = unsupported_reason(d_state) or (None if _interpret else device_reason())
     if reason:
         raise ValueError(reason)
+    segments = segment_count(batch, length, channels) if _segments is None else _segments
+    if segments > 1:
+        return _segmented_scan(segments, u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, mask,
+                               resets, approx_math=approx_math, interpret=_interpret)
     n_pad = _padded_d_state(d_state)
     tiles = -(-length // TILE)
     e_pad = -(-channels // BLOCK) * BLOCK
@@ -625,3 +650,45 @@ def mosaic_selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, de
                   interpret=bool(_interpret))
     y, final = _scan(cfg, delta_p, u_p, z_p, bc, pen, per_channel(delta_bias), per_channel(D), a_t, h0t)
     return y[:, :length, :channels], jnp.swapaxes(final[:, :d_state, :channels], 1, 2)
+
+
+def _segmented_scan(segments, u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, mask, resets, *,
+                    approx_math, interpret):
+    """The scan with each row cut into `segments` rows of L / S tokens. Pass 1 runs every
+    segment from a zero state; the state entering segment s is then, in XLA,
+    h_s = P_{s-1} h_{s-1} + end_{s-1}, with P the product of the segment's decays,
+    exp(A * sum of its deltas) (0 once a document starts in it). Pass 2 runs every segment
+    from its entering state and gives y. Gradients flow through both passes' kernels."""
+    batch, length, channels = u.shape
+    seg_len = -(-length // (segments * TILE)) * TILE
+    extra = segments * seg_len - length
+    if extra:  # trailing tokens the kernels see as masked: no change to the state
+        keep = jnp.ones((batch, length), bool) if mask is None else mask.astype(bool)
+        mask = jnp.pad(keep, [(0, 0), (0, extra)])
+        grow = lambda x: None if x is None else jnp.pad(x, [(0, 0), (0, extra)] + [(0, 0)] * (x.ndim - 2))
+        u, delta, z, B, C, resets = grow(u), grow(delta), grow(z), grow(B), grow(C), grow(resets)
+    rows = lambda x: None if x is None else x.reshape((batch * segments, seg_len) + x.shape[2:])
+    inner = functools.partial(mosaic_selective_scan, A=A, B=rows(B), C=rows(C), D=D, z=rows(z),
+                              delta_bias=delta_bias, delta_softplus=delta_softplus, mask=rows(mask),
+                              resets=rows(resets), approx_math=approx_math, _interpret=interpret, _segments=1)
+    _, ends = inner(rows(u), rows(delta))
+    ends = ends.reshape(batch, segments, channels, -1)
+
+    # The product of each segment's decays, exp(A * sum of deltas), as the kernels take them.
+    step = delta.astype(f32) + (0.0 if delta_bias is None else delta_bias.astype(f32))
+    step = jax.nn.softplus(step) if delta_softplus else step
+    if mask is not None:
+        step = jnp.where(mask.astype(bool)[..., None], step, 0.0)
+    totals = step.reshape(batch, segments, seg_len, channels).sum(axis=2)
+    products = jnp.exp(totals[..., None] * A.astype(f32))  # (B, S, E, N)
+    if resets is not None:
+        starts_document = resets.astype(bool).reshape(batch, segments, seg_len).any(axis=2)
+        products = jnp.where(starts_document[..., None, None], 0.0, products)
+
+    entering = [jnp.zeros_like(ends[:, 0]) if initial_state is None else initial_state.astype(f32)]
+    for s in range(1, segments):
+        entering.append(products[:, s - 1] * entering[-1] + ends[:, s - 1])
+    entering = jnp.stack(entering, axis=1).reshape(batch * segments, channels, -1)
+    y, finals = inner(rows(u), rows(delta), initial_state=entering)
+    y = y.reshape(batch, segments * seg_len, channels)[:, :length]
+    return y, finals.reshape(batch, segments, channels, -1)[:, -1]
