@@ -159,15 +159,17 @@ def test_mosaic_resets_match_the_contract():
 @on_hopper
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_mosaic_cuts_few_long_rows_into_segments_and_matches_the_contract(dtype):
-    """One row of 4,100 tokens in 2 channel blocks: `segment_count` cuts it in 4 on any GPU
-    of 16 or more multiprocessors (the last segment padded), with resets inside a segment
-    and at a segment's first token."""
-    from biomamba_jax.model.scan_mosaic import mosaic_selective_scan, segment_count
+    """One row of 4,100 tokens in 2 channel blocks: `segment_count` cuts it in 4 or more on
+    any GPU of 16 or more multiprocessors (the last segment padded), with resets inside
+    segments and at the second segment's first token."""
+    from biomamba_jax.model.scan_mosaic import TILE, mosaic_selective_scan, segment_count
 
     shape = (1, 4100, 256, 16)
-    assert segment_count(shape[0], shape[1], shape[2]) >= 4
+    segments = segment_count(shape[0], shape[1], shape[2])
+    assert segments >= 4
+    segment_length = -(-shape[1] // (segments * TILE)) * TILE
     x = scan_inputs(7, *shape, dtype, initial_state=True)
-    resets = (jax.random.uniform(jax.random.PRNGKey(10), shape[:2]) < 0.002).at[0, 1040].set(True)
+    resets = (jax.random.uniform(jax.random.PRNGKey(10), shape[:2]) < 0.002).at[0, segment_length].set(True)
     weights = jax.random.normal(jax.random.PRNGKey(1), shape[:3])
 
     def loss(fn, x):
