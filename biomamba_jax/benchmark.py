@@ -150,11 +150,12 @@ def time_torch_train(config: RunConfig, model_config: MambaConfig, batch: int, l
     PyTorch's peak allocation over the timed steps. Torch is imported here only."""
     import torch
 
-    from biomamba_jax.fidelity import torch_decays
+    from biomamba_jax.fidelity import torch_adamw
 
     if torch_impl not in TORCH_IMPLS:
         raise ValueError(f"torch_impl={torch_impl!r}; choose one of {TORCH_IMPLS}")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    on_gpu = torch.device(device).type == "cuda"
     torch.manual_seed(seed)
     if torch_impl == "mamba_ssm":
         from mamba_ssm.models.config_mamba import MambaConfig as MambaSsmConfig
@@ -167,12 +168,7 @@ def time_torch_train(config: RunConfig, model_config: MambaConfig, batch: int, l
 
         model = MambaForCausalLM(HfMambaConfig(**model_config.to_hf_dict())).to(device)
     model.train()
-    optim = config.optim
-    named = list(model.named_parameters())
-    groups = [{"params": [p for n, p in named if torch_decays(n)], "weight_decay": optim.weight_decay},
-              {"params": [p for n, p in named if not torch_decays(n)], "weight_decay": 0.0}]
-    optimizer = torch.optim.AdamW(groups, lr=optim.peak_lr, betas=(optim.beta1, optim.beta2), eps=optim.eps,
-                                  fused=device.startswith("cuda"))
+    optimizer = torch_adamw(model, config.optim, fused=on_gpu)
     generator = torch.Generator().manual_seed(seed)
     tokens = torch.randint(0, model_config.vocab_size - 8, (batch, length + 1), generator=generator).to(device)
     autocast = torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16,
@@ -184,16 +180,16 @@ def time_torch_train(config: RunConfig, model_config: MambaConfig, batch: int, l
         loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]),
                                                  tokens[:, 1:].reshape(-1))
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), optim.clip_norm)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), config.optim.clip_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return loss
 
-    synchronize = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    synchronize = torch.cuda.synchronize if on_gpu else (lambda: None)
     for _ in range(warmup):
         step()
     synchronize()
-    if device.startswith("cuda"):
+    if on_gpu:
         torch.cuda.reset_peak_memory_stats()
     times = []
     for _ in range(repeats):
@@ -202,7 +198,7 @@ def time_torch_train(config: RunConfig, model_config: MambaConfig, batch: int, l
         synchronize()
         times.append(time.perf_counter() - start)
     median = statistics.median(times)
-    peak = round(torch.cuda.max_memory_allocated() / GiB, 2) if device.startswith("cuda") else None
+    peak = round(torch.cuda.max_memory_allocated() / GiB, 2) if on_gpu else None
     return {"workload": "train", "framework": torch_impl, "batch": batch, "length": length,
             "d_model": model_config.d_model, "layers": model_config.n_layer, "dtype": model_config.dtype,
             "params_M": round(sum(p.numel() for p in model.parameters()) / 1e6, 1), "step_s": round(median, 4),

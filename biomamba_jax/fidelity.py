@@ -47,7 +47,7 @@ from biomamba_jax.training.step import (DECAYED_MIXER_WEIGHTS, TrainState, make_
                                         token_loss_sums)
 
 __all__ = ["TORCH_IMPLS", "random_start", "random_token_batches", "pubmed_token_batches", "jax_losses",
-           "export_start", "resolve_torch_impl", "torch_decays", "torch_lr_factor", "torch_losses",
+           "export_start", "resolve_torch_impl", "torch_decays", "torch_adamw", "torch_lr_factor", "torch_losses",
            "compare_curves", "plot_curves", "relative_distance", "jax_step", "torch_step", "step_detail",
            "jax_greedy", "torch_greedy", "prefix_agreement", "divergence_gaps"]
 
@@ -148,6 +148,17 @@ def torch_decays(name: str) -> bool:
     return len(parts) >= 2 and parts[-1] == "weight" and parts[-2] in DECAYED_MIXER_WEIGHTS
 
 
+def torch_adamw(model, optim: OptimSection, decays: Callable[[str], bool] = torch_decays, fused: bool = False):
+    """torch's AdamW over `model` with the run's lr, betas, eps and weight decay, decayed
+    only where `decays(name)` says, as the JAX optimizer's mask does."""
+    import torch
+
+    named = list(model.named_parameters())  # tied embeddings appear once
+    groups = [{"params": [p for n, p in named if decays(n)], "weight_decay": optim.weight_decay},
+              {"params": [p for n, p in named if not decays(n)], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=optim.peak_lr, betas=(optim.beta1, optim.beta2), eps=optim.eps, fused=fused)
+
+
 def torch_lr_factor(step: int, optim: OptimSection, total_steps: int) -> float:
     """The lr of update `step` (0-based) over `peak_lr`, written from the schedule's
     definition rather than taken from optax, so a test can hold the two against each other:
@@ -192,10 +203,7 @@ def torch_losses(directory, batches: np.ndarray, optim: OptimSection, *, torch_i
     _check_dtype(dtype)
     model = _load_torch_model(Path(directory), resolve_torch_impl(torch_impl), device)
     model.train()
-    named = list(model.named_parameters())  # tied embeddings appear once
-    groups = [{"params": [p for n, p in named if decays(n)], "weight_decay": optim.weight_decay},
-              {"params": [p for n, p in named if not decays(n)], "weight_decay": 0.0}]
-    optimizer = torch.optim.AdamW(groups, lr=optim.peak_lr, betas=(optim.beta1, optim.beta2), eps=optim.eps)
+    optimizer = torch_adamw(model, optim, decays)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: torch_lr_factor(k, optim, len(batches)))
     curves: dict[str, list[float]] = {"loss": [], "grad_norm": []}
     for index, tokens in enumerate(batches):

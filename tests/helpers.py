@@ -12,6 +12,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = REPO / "tests" / "fixtures"
 
+
 def load_script(name: str) -> ModuleType:
     """scripts/<name>.py as a module, so tests call its `main` in process (a subprocess
     would spend longer importing JAX than the test runs)."""

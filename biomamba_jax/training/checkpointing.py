@@ -122,6 +122,10 @@ class Checkpointer:
                 self.manager.wait_until_finished()
             for partial in self.directory.glob("*orbax-checkpoint-tmp*"):
                 shutil.rmtree(partial, ignore_errors=True)
+            # The manager lists a step from the moment its save starts, so the failed one
+            # can still be on its list: name the latest step that is on disk.
+            with contextlib.suppress(Exception):
+                self.manager.reload()
             latest = self.manager.latest_step()
             reason = str(err).splitlines()[0] if str(err) else type(err).__name__
             if "No space left on device" in reason or getattr(err, "errno", None) == errno.ENOSPC:
