@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import signal
 import time
 from pathlib import Path
@@ -42,7 +43,7 @@ from biomamba_jax.training.cross_entropy import resolve_loss_impl
 from biomamba_jax.training.step import (TrainState, compiled_memory, lr_schedule, make_optimizer, model_flops_per_token,
                                         peak_flops_per_device)
 
-__all__ = ["RunError", "USER_ERRORS", "Trainer", "Task", "MetricsLog"]
+__all__ = ["RunError", "USER_ERRORS", "Trainer", "Task", "MetricsLog", "use_compile_cache"]
 
 
 class RunError(RuntimeError):
@@ -52,6 +53,28 @@ class RunError(RuntimeError):
 # Bad input that the run scripts report in one line (exit 2) instead of a traceback.
 USER_ERRORS = (RunError, RunConfigError, ParallelConfigError, ConfigError, ConversionError, CheckpointWriteError,
                FileNotFoundError)
+
+
+def use_compile_cache(setting: str, log: Callable = print) -> Optional[Path]:
+    """Point JAX's persistent compilation cache at `setting` (`run.compile_cache`) unless
+    this process already has one; returns the directory in use (None: off)."""
+    if jax.config.jax_compilation_cache_dir:
+        return Path(jax.config.jax_compilation_cache_dir)
+    if setting == "off":
+        return None
+    if setting == "auto":
+        cache_home = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+        directory = Path(cache_home) / "biomamba-jax" / "xla"
+    else:
+        directory = Path(setting).expanduser()
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        # A read-only home must not stop a run: it only compiles as if there were no cache.
+        log(f"warning: no compilation cache ({error}); set run.compile_cache to a writable dir or 'off'")
+        return None
+    jax.config.update("jax_compilation_cache_dir", str(directory))
+    return directory
 
 
 # ------------------------------------------------------------------------ tasks
@@ -207,6 +230,7 @@ class Trainer:
     out_dir: Path
     is_main: bool
     log: Callable
+    compile_cache: Optional[Path] = None  # JAX's persistent compilation cache (None: off)
 
     @classmethod
     def build(cls, config: RunConfig, task: "Task", log: Callable = print) -> "Trainer":
@@ -215,6 +239,7 @@ class Trainer:
                                config.parallel.process_id)
         is_main = jax.process_index() == 0
         quiet = log if is_main else (lambda *_: None)
+        compile_cache = use_compile_cache(config.run.compile_cache, quiet)
         plan = BatchPlan.from_tokens(config.batch.global_batch_tokens, task.seq_len,
                                      config.batch.micro_batch_per_device, jax.device_count(),
                                      jax.process_count())
@@ -227,7 +252,7 @@ class Trainer:
         graphdef = nnx.graphdef(nnx.eval_shape(lambda: MambaLM(model_config, rngs=nnx.Rngs(0))))
         trainer = cls(config, task, model_config, plan, layout, graphdef,
                       make_optimizer(config.optim, total_steps), total_steps, Path(config.run.out_dir),
-                      is_main, quiet)
+                      is_main, quiet, compile_cache)
         trainer._initial_params = params
         return trainer
 
@@ -260,6 +285,7 @@ class Trainer:
             f"({(self.total_steps - start_step) * p.tokens_per_step:,} tokens)",
             f"checkpoints  every {c.run.checkpoint_every} steps, keep {c.run.keep_checkpoints} + best, "
             f"~{checkpoint_size_bytes(params) / 2**20:,.1f} MiB each, in {self.out_dir / 'checkpoints'}",
+            f"compile      cache {self.compile_cache or 'off (run.compile_cache)'}",
         ]))
 
     def _report_memory(self, sizes: Optional[dict]) -> None:
