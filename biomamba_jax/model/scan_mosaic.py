@@ -5,15 +5,18 @@ the GPU backend JAX keeps, and it reaches Hopper's copy engine (TMA) and mbarrie
 
 Forward kernel: one thread block (one warpgroup, 128 threads) per (128 channels, batch
 row), one channel per thread, the channel's N fp32 states in registers. The block walks
-the sequence in tiles of `TILE` (32) tokens; each tile's rows of delta, u, z (128 channels)
-and of [B | C] (and the reset flags) come in by TMA, `FWD_STAGES` tiles ahead of the one
-being computed. Per token a thread applies the dt bias and softplus, runs its N state
+the sequence in tiles of `FWD_TILE` (16) tokens; each tile's rows of delta, u, z (128
+channels) and of [B | C] (and the reset flags) come in by TMA, `FWD_STAGES` tiles ahead of
+the one being computed. Per token a thread applies the dt bias and softplus, runs its N state
 updates (exp2 of A pre-scaled by log2(e)), contracts with C, adds the D skip and applies
 the SiLU gate, and writes its y straight to global memory; B and C are read from shared
 memory as values every thread of a warp shares. When a gradient is needed the forward
-also writes the state entering every tile (B, L / TILE, N, E).
+also writes the state entering every `TILE` (32) tokens, every other tile (B, L / TILE,
+N, E): the largest activation a training step keeps, half of what a state per tile would
+be.
 
-Backward kernel: the same grid, walking tiles in reverse, each tile in two halves (the state
+Backward kernel: the same grid, walking tiles of `TILE` tokens in reverse, each tile in two
+halves (the state
 history of a whole tile would not fit in shared memory). Per tile, the state entering its
 upper half is recomputed from the saved state; then per half, upper first, pass 1 writes
 the state entering each of its tokens to shared memory (each thread only its own channel's
@@ -60,8 +63,11 @@ from biomamba_jax.model.scan_options import MosaicOptions
 __all__ = ["MAX_D_STATE", "TILE", "MosaicOptions", "device_reason", "mosaic_selective_scan", "unsupported_reason"]
 
 f32 = jnp.float32
-TILE = 32  # tokens per TMA tile; the forward saves the state entering every tile
+TILE = 32  # tokens per saved state, and per TMA tile of the backward
 HALF = TILE // 2  # tokens of the backward's state history (a whole tile's would not fit)
+# Tokens per TMA tile of the forward: 32-token tiles made the forward 13% slower at
+# 8 x 2048 x 1536 on an H200 (benchmarks/HISTORY.md), so it saves every other tile's state.
+FWD_TILE = HALF
 BLOCK = 128  # channels per thread block: one per thread of a warpgroup
 FWD_STAGES = 3  # tiles in flight in the forward
 BWD_STAGES = 2  # ... and in the backward, whose shared memory also holds the state history
@@ -177,40 +183,43 @@ def _line_inputs(cfg: _Config, with_dy: bool) -> list[str]:
     return ["delta", "u"] + (["z"] if cfg.has_z else []) + (["dy"] if with_dy else [])
 
 
-def _tile_scratch(cfg: _Config, arrays: dict, lines: list[str], stages: int) -> dict:
-    scratch = {name: plgpu.SMEM((stages, TILE, BLOCK), arrays[name].dtype) for name in lines}
-    scratch["bc"] = plgpu.SMEM((stages, TILE, 2 * cfg.d_state), f32)
+def _tile_scratch(cfg: _Config, arrays: dict, lines: list[str], stages: int, tokens: int) -> dict:
+    """Shared memory for `stages` tiles of `tokens` tokens in flight."""
+    scratch = {name: plgpu.SMEM((stages, tokens, BLOCK), arrays[name].dtype) for name in lines}
+    scratch["bc"] = plgpu.SMEM((stages, tokens, 2 * cfg.d_state), f32)
     if cfg.has_resets:
-        # A tile's penalties are one 128-byte row: TMA writes shared memory at 128-byte
-        # aligned addresses, and a copy under the Lane semantics moves a multiple of 128
-        # bytes (one per thread of the warpgroup).
+        # Penalties travel as the 128-byte row of the TILE tokens around the tile (a forward
+        # tile reads half of it): TMA writes shared memory at 128-byte aligned addresses,
+        # and a copy under the Lane semantics moves a multiple of 128 bytes (one per thread
+        # of the warpgroup).
         scratch["pen"] = plgpu.SMEM((stages, TILE), f32)
     copies = len(lines) + 1 + int(cfg.has_resets)
     scratch["bars"] = plgpu.Barrier(num_arrivals=copies, num_barriers=stages)
     return scratch
 
 
-def _fetch(cfg: _Config, ins: dict, scratch: dict, lines: list[str], b, cols, tile, slot):
-    """Start the TMA copies of tile `tile` into slot `slot`."""
-    rows = pl.ds(tile * TILE, TILE)
+def _fetch(cfg: _Config, ins: dict, scratch: dict, lines: list[str], b, cols, tile, slot, tokens: int):
+    """Start the TMA copies of tile `tile` (of `tokens` tokens) into slot `slot`."""
+    rows = pl.ds(tile * tokens, tokens)
     bar = scratch["bars"].at[slot]
     for name in lines:
         plgpu.copy_gmem_to_smem(ins[name].at[b, rows, cols], scratch[name].at[slot], bar)
     plgpu.copy_gmem_to_smem(ins["bc"].at[b, rows], scratch["bc"].at[slot], bar)
     if cfg.has_resets:
-        plgpu.copy_gmem_to_smem(ins["pen"].at[b, rows], scratch["pen"].at[slot], bar)
+        pen_rows = pl.ds(lax.div(tile, TILE // tokens) * TILE, TILE)
+        plgpu.copy_gmem_to_smem(ins["pen"].at[b, pen_rows], scratch["pen"].at[slot], bar)
 
 
 class _Token:
     """What every token of a tile needs, read from a tile slot: the pre-bias delta x, delta,
     u, delta * u and the delta the decay uses (delta plus the reset penalty)."""
 
-    def __init__(self, cfg: _Config, scratch: dict, slot, t, bias):
+    def __init__(self, cfg: _Config, scratch: dict, slot, t, bias, pen_offset=0):
         self.x = _line(scratch["delta"].at[slot, t]).astype(f32) + bias
         self.delta = _softplus(self.x) if cfg.softplus else self.x
         self.u = _line(scratch["u"].at[slot, t]).astype(f32)
         self.du = self.delta * self.u
-        self.decay_delta = self.delta + scratch["pen"][slot, t] if cfg.has_resets else self.delta
+        self.decay_delta = self.delta + scratch["pen"][slot, pen_offset + t] if cfg.has_resets else self.delta
 
 
 def _in_names(cfg: _Config) -> list[str]:
@@ -226,15 +235,15 @@ def _in_names(cfg: _Config) -> list[str]:
 @functools.partial(jax.jit, static_argnums=(0, 1))  # one lowering per configuration and call site shape
 def _forward_call(cfg: _Config, save_states: bool, arrays: dict):
     """y (B, L, E) in u's dtype, the final state (B, N, E) fp32 and, with `save_states`,
-    the state entering every tile (B, L / TILE, N, E)."""
-    n_state, tiles = cfg.d_state, cfg.tiles
+    the state entering every TILE tokens (B, L / TILE, N, E)."""
+    n_state, tiles = cfg.d_state, cfg.tiles * (TILE // FWD_TILE)
     in_names = _in_names(cfg)
     lines = _line_inputs(cfg, with_dy=False)
     out_type = [jax.ShapeDtypeStruct((cfg.batch, cfg.length, cfg.channels), arrays["u"].dtype),
                 jax.ShapeDtypeStruct((cfg.batch, n_state, cfg.channels), f32)]
     if save_states:
         out_type.append(jax.ShapeDtypeStruct((cfg.batch, tiles, n_state, cfg.channels), f32))
-    scratch_types = _tile_scratch(cfg, arrays, lines, FWD_STAGES)
+    scratch_types = _tile_scratch(cfg, arrays, lines, FWD_STAGES, FWD_TILE)
 
     def body(*refs, **scratch):
         ins = dict(zip(in_names, refs))
@@ -243,7 +252,7 @@ def _forward_call(cfg: _Config, save_states: bool, arrays: dict):
         e_block, b = lax.axis_index("e"), lax.axis_index("b")
         cols = pl.ds(e_block * BLOCK, BLOCK)
         for tile in range(min(FWD_STAGES, tiles)):
-            _fetch(cfg, ins, scratch, lines, b, cols, tile, tile)
+            _fetch(cfg, ins, scratch, lines, b, cols, tile, tile, FWD_TILE)
         bias = _line(ins["bias"].at[cols])
         dskip = _line(ins["dskip"].at[cols])
         a2 = [_line(ins["a2t"].at[j, cols]) for j in range(n_state)]
@@ -251,14 +260,19 @@ def _forward_call(cfg: _Config, save_states: bool, arrays: dict):
 
         def one_tile(tile, h):
             slot = lax.rem(tile, FWD_STAGES)
+            half = lax.rem(tile, TILE // FWD_TILE)  # which part of its TILE tokens this tile is
             if save_states:
-                for j in range(n_state):
-                    states_ref[b, tile, j, cols] = h[j]
+
+                @pl.when(half == 0)
+                def _():
+                    for j in range(n_state):
+                        states_ref[b, lax.div(tile, TILE // FWD_TILE), j, cols] = h[j]
+
             plgpu.barrier_wait(scratch["bars"].at[slot])
             bc = scratch["bc"].at[slot]
 
             def one_token(t, h):
-                tok = _Token(cfg, scratch, slot, t, bias)
+                tok = _Token(cfg, scratch, slot, t, bias, pen_offset=half * FWD_TILE)
                 y = dskip * tok.u
                 h = list(h)
                 for j in range(n_state):
@@ -268,7 +282,7 @@ def _forward_call(cfg: _Config, save_states: bool, arrays: dict):
                 if cfg.has_z:
                     z = _line(scratch["z"].at[slot, t]).astype(f32)
                     y = y * (z * jax.nn.sigmoid(z))
-                y_ref[b, tile * TILE + t, cols] = y.astype(y_ref.dtype)
+                y_ref[b, tile * FWD_TILE + t, cols] = y.astype(y_ref.dtype)
                 return tuple(h)
 
             def unrolled(i, h):
@@ -276,12 +290,12 @@ def _forward_call(cfg: _Config, save_states: bool, arrays: dict):
                     h = one_token(i * FWD_UNROLL + r, h)
                 return h
 
-            h = lax.fori_loop(0, TILE // FWD_UNROLL, unrolled, h)
+            h = lax.fori_loop(0, FWD_TILE // FWD_UNROLL, unrolled, h)
             plgpu.commit_smem()  # every thread is done with this slot: refill it
 
             @pl.when(tile + FWD_STAGES < tiles)
             def _():
-                _fetch(cfg, ins, scratch, lines, b, cols, tile + FWD_STAGES, slot)
+                _fetch(cfg, ins, scratch, lines, b, cols, tile + FWD_STAGES, slot, FWD_TILE)
 
             return h
 
@@ -374,7 +388,7 @@ def _backward_call(cfg: _Config, arrays: dict):
                 + [jax.ShapeDtypeStruct((cfg.batch, blocks, cfg.length * width), f32),
                    per_state, per_channel, per_channel, per_state])
     stages = _backward_stages(cfg, arrays, lines)
-    scratch_types = _tile_scratch(cfg, arrays, lines, stages)
+    scratch_types = _tile_scratch(cfg, arrays, lines, stages, TILE)
     scratch_types["history"] = plgpu.SMEM((HALF, n_state, BLOCK), f32)  # state entering each token
     # Per-warp sums of each token's products, one buffer per half tile, so that one barrier
     # per half orders both their writes and their reads.
@@ -389,7 +403,7 @@ def _backward_call(cfg: _Config, arrays: dict):
         e_block, b = lax.axis_index("e"), lax.axis_index("b")
         cols = pl.ds(e_block * BLOCK, BLOCK)
         for step in range(min(stages, tiles)):
-            _fetch(cfg, ins, scratch, lines, b, cols, tiles - 1 - step, step)
+            _fetch(cfg, ins, scratch, lines, b, cols, tiles - 1 - step, step, TILE)
         bias = _line(ins["bias"].at[cols])
         dskip = _line(ins["dskip"].at[cols])
         a2 = [_line(ins["a2t"].at[j, cols]) for j in range(n_state)]
@@ -506,7 +520,7 @@ def _backward_call(cfg: _Config, arrays: dict):
 
             @pl.when(step + stages < tiles)
             def _():
-                _fetch(cfg, ins, scratch, lines, b, cols, tile - stages, slot)
+                _fetch(cfg, ins, scratch, lines, b, cols, tile - stages, slot, TILE)
 
             store_sums(0, 1)
             return carry
