@@ -242,7 +242,7 @@ def _forward_call(cfg: _Config, save_states: bool, arrays: dict):
     out_type = [jax.ShapeDtypeStruct((cfg.batch, cfg.length, cfg.channels), arrays["u"].dtype),
                 jax.ShapeDtypeStruct((cfg.batch, n_state, cfg.channels), f32)]
     if save_states:
-        out_type.append(jax.ShapeDtypeStruct((cfg.batch, tiles, n_state, cfg.channels), f32))
+        out_type.append(jax.ShapeDtypeStruct((cfg.batch, cfg.tiles, n_state, cfg.channels), f32))
     scratch_types = _tile_scratch(cfg, arrays, lines, FWD_STAGES, FWD_TILE)
 
     def body(*refs, **scratch):
