@@ -1,5 +1,6 @@
 """Timed workloads on random weights and tokens: the whole training step, prefill, greedy
-decode, and one layer's selective scan. `scripts/benchmark.py` is their command line.
+decode, and one layer's selective scan; and `scripts/pretrain.py`'s own loop around the same
+step. `scripts/benchmark.py` is their command line.
 
 The training step is the library's own (`training.step.make_train_step`: AdamW with the
 weight-decay mask, clipping, the loss over all targets) with the optimizer and the model's
@@ -14,8 +15,12 @@ GPU kernels are built to GPU code here) + `xla_compile_s` (XLA's own compilation
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import statistics
+import tempfile
 import time
+from pathlib import Path
 from typing import Callable, Optional
 
 import jax
@@ -32,7 +37,7 @@ from biomamba_jax.training.cross_entropy import resolve_loss_impl
 from biomamba_jax.training.profiling import profile_ops
 from biomamba_jax.training.step import TrainState, compiled_memory, make_optimizer, make_train_step
 
-__all__ = ["model_for", "time_train", "time_torch_train", "time_prefill", "time_decode", "time_scan", "TORCH_IMPLS"]
+__all__ = ["model_for", "time_train", "time_pretrain_loop", "time_torch_train", "time_prefill", "time_decode", "time_scan", "TORCH_IMPLS"]
 
 TORCH_IMPLS = ("mamba_ssm", "transformers")
 
@@ -136,6 +141,45 @@ def time_train(config: RunConfig, model_config: MambaConfig, batch: int, length:
            "step_s": round(median, 4), "tokens_per_s": round(batch * length / median),
            "times_s": [round(t, 4) for t in times], **row, "peak_GiB": _process_peak_gib(), "loss": float(run())}
     return _with_profile(row, run, profile)
+
+
+def time_pretrain_loop(config: RunConfig, size: Optional[str], batch: int, length: int, *, steps: int = 30,
+                       log_every: int = 5) -> dict:
+    """Tokens per second per device of the pretraining run loop itself (`training.pretrain`:
+    data loading, the non-finite guard, metrics, the progress bar) around the step that
+    `time_train` times, with one `batch` x `length` micro-batch per device and step.
+
+    The run trains the model that `model_for(config, size)` describes, from a random init,
+    for `steps` steps on a synthetic corpus it prepares through the real pipeline (byte-level tokens), in a
+    temporary folder, without the compilation cache, checkpoints between, or the export.
+    The result is the median of the loop's own logged windows of `log_every` steps after
+    the first two windows (the first holds the compilation)."""
+    from biomamba_jax.data.tokenizer import OFFLINE_TOKENIZER
+    from biomamba_jax.training.pretrain import pretrain
+
+    if steps < 4 * log_every:
+        raise ValueError(f"the loop needs at least {4 * log_every} steps for two timed windows of "
+                         f"{log_every}; got {steps}")
+    devices = jax.device_count()
+    with tempfile.TemporaryDirectory(prefix="biomamba-loop-") as work:
+        work = Path(work)
+        run_config = dataclasses.replace(
+            config,
+            model=dataclasses.replace(config.model, init="random", preset=size or config.model.preset),
+            data=dataclasses.replace(config.data, dir=str(work / "data"), seq_len=length, synthetic_files=2,
+                                     synthetic_docs_per_file=200, val_fraction=0.05, tokenizer=OFFLINE_TOKENIZER),
+            batch=dataclasses.replace(config.batch, global_batch_tokens=batch * length * devices,
+                                      micro_batch_per_device=batch),
+            run=dataclasses.replace(config.run, out_dir=str(work / "run"), steps=steps, stop_at=None,
+                                    log_every=log_every, eval_every=steps, eval_batches=1, checkpoint_every=steps,
+                                    export_hf=False, profile_steps=0, compile_cache="off"))
+        pretrain(run_config, log=lambda *_: None)
+        records = [json.loads(line) for line in (work / "run" / "metrics.jsonl").read_text().splitlines()]
+    windows = [r["tokens_per_s"] / devices for r in records
+               if "tokens_per_s" in r and r["step"] > 2 * log_every and r["step"] % log_every == 0]
+    return {"workload": "loop", "batch": batch, "length": length, **_describe(model_for(config, size)),
+            "devices": devices, "steps": steps, "tokens_per_s": round(statistics.median(windows)),
+            "windows_tokens_per_s": [round(w) for w in windows]}
 
 
 def time_torch_train(config: RunConfig, model_config: MambaConfig, batch: int, length: int, *,
@@ -287,6 +331,8 @@ def time_scan(impl: str, batch: int, length: int, channels: int, d_state: int, *
 def summary_line(row: dict) -> str:
     """One readable line per result row."""
     what = {"train": lambda r: f"B={r['batch']} L={r['length']}: {r['tokens_per_s']:,} tokens/s",
+            "loop": lambda r: f"B={r['batch']} L={r['length']}: {r['tokens_per_s']:,} tokens/s per device"
+                              + (f", {r['loop_over_step']}x the bare step" if "loop_over_step" in r else ""),
             "prefill": lambda r: f"B={r['batch']} L={r['length']}: {r['tokens_per_s']:,} tokens/s",
             "decode": lambda r: f"B={r['batch']}: {r['ms_per_token']} ms/token, {r['tokens_per_s']:,} tokens/s",
             "scan": lambda r: f"{r['mode']} {'x'.join(map(str, r['shape']))}: {r['ms']} ms"}[row["workload"]](row)

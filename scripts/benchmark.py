@@ -5,12 +5,15 @@
     python scripts/benchmark.py --workloads scan --scan-impls pallas,chunked --scan-shape 8,2048,1536,16
     python scripts/benchmark.py --workloads train model.remat=full model.scan_layers=true
     python scripts/benchmark.py --workloads train --torch mamba_ssm  # the reference, same model and shapes
+    python scripts/benchmark.py --workloads train,loop            # pretrain.py's loop against the bare step
 
 The training step and the model's run-time settings (dtype, scan impl, remat, layer scan)
 come from a run preset (`--preset`, default biomamba-130m) and `section.key=value`
 overrides, exactly as `scripts/pretrain.py` reads them. Weights and tokens are random.
 Results print one line each and, with `--out`, go to a JSON file rewritten after every
-row, so a run cut short keeps what it measured. `--torch` times the PyTorch reference's own
+row, so a run cut short keeps what it measured. `loop` runs `scripts/pretrain.py`'s own loop
+(data, metrics, guards) on a synthetic corpus around the same step and, after `train` in
+the same command, gives its ratio to the bare step. `--torch` times the PyTorch reference's own
 training step instead (train only; JAX never touches the GPU in that process, so run it as
 its own command, interleaved with ours: torch, jax, torch, jax).
 """
@@ -29,7 +32,7 @@ from biomamba_jax.files import write_text_atomic
 from biomamba_jax.model.config import PRESETS
 from biomamba_jax.training.config import RunConfigError, list_presets, load_run_config
 
-WORKLOADS = ("train", "prefill", "decode", "scan")
+WORKLOADS = ("train", "loop", "prefill", "decode", "scan")
 
 
 def parse_args(argv=None):
@@ -48,6 +51,8 @@ def parse_args(argv=None):
                    help="impl strings for the scan workload (default: auto, what training runs here)")
     p.add_argument("--scan-shape", type=ints, action="append", default=None, metavar="B,L,E,N",
                    help="scan shape, repeatable (default: 8,2048,1536,16)")
+    p.add_argument("--loop-steps", type=int, default=30,
+                   help="optimizer steps of the loop workload, timed in windows of 5 after the first 10 (default: 30)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--profile", type=int, default=0, metavar="TOP",
@@ -61,6 +66,8 @@ def parse_args(argv=None):
     unknown = sorted(set(args.workloads.split(",")) - set(WORKLOADS))
     if unknown:
         p.error(f"unknown workload(s) {unknown}; choose from {', '.join(WORKLOADS)}")
+    if "loop" in args.workloads.split(",") and args.loop_steps < 20:
+        p.error(f"--loop-steps must be at least 20 (two timed windows of 5 after the first 10); got {args.loop_steps}")
     if args.torch and args.workloads != "train":
         p.error(f"--torch times the training step only; pass --workloads train (got {args.workloads!r})")
     return args
@@ -102,6 +109,13 @@ def main(argv=None) -> int:
                                                   warmup=args.warmup, repeats=args.repeats))
             else:
                 record(benchmark.time_train(config, model_config, batch, length, **timing))
+    for length in args.length if "loop" in workloads else ():
+        for batch in args.batch:
+            row = benchmark.time_pretrain_loop(config, args.size, batch, length, steps=args.loop_steps)
+            step_rows = [r for r in results if r["workload"] == "train" and (r["batch"], r["length"]) == (batch, length)]
+            if step_rows:
+                row["loop_over_step"] = round(row["tokens_per_s"] / step_rows[0]["tokens_per_s"], 3)
+            record(row)
     for length in args.prefill_length if "prefill" in workloads else ():
         record(benchmark.time_prefill(model_config, length, **timing))
     for batch in args.decode_batch if "decode" in workloads else ():

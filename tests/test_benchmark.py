@@ -67,3 +67,23 @@ def test_torch_reference_row_times_the_same_model_and_work(tmp_path):
     assert "(transformers)" in benchmark.summary_line(row)
     with pytest.raises(SystemExit):
         script.parse_args(["--workloads", "train,prefill", "--torch", "mamba_ssm"])
+
+
+def test_loop_row_times_pretrains_own_loop_beside_the_bare_step(tmp_path):
+    """`--workloads train,loop`: the loop row comes from `scripts/pretrain.py`'s run loop (its
+    metrics windows), on the same model and shapes, with its ratio to the step row."""
+    from helpers import load_script
+
+    out = tmp_path / "loop.json"
+    script = load_script("benchmark")
+    assert script.main(["--preset", "smoke", "--workloads", "train,loop", "--batch", "2", "--length", "32",
+                        "--loop-steps", "20", "--warmup", "1", "--repeats", "2", "--out", str(out)]) == 0
+    step_row, loop_row = json.loads(out.read_text())["results"]
+    assert loop_row["workload"] == "loop" and (loop_row["batch"], loop_row["length"]) == (2, 32)
+    assert (loop_row["d_model"], loop_row["scan_impl"]) == (step_row["d_model"], step_row["scan_impl"])
+    # Windows of 5 steps ending at 15 and 20: the run's own metrics, after compilation.
+    assert len(loop_row["windows_tokens_per_s"]) == 2 and loop_row["tokens_per_s"] > 0
+    assert loop_row["loop_over_step"] == round(loop_row["tokens_per_s"] / step_row["tokens_per_s"], 3)
+    assert "x the bare step" in benchmark.summary_line(loop_row)
+    with pytest.raises(SystemExit):
+        script.parse_args(["--workloads", "loop", "--loop-steps", "10"])
