@@ -15,19 +15,17 @@ also writes the state entering every `TILE` (32) tokens, every other tile (B, L 
 N, E): the largest activation a training step keeps, half of what a state per tile would
 be.
 
-Backward kernel: the same grid, walking tiles of `TILE` tokens in reverse, each tile in two
-halves (the state
-history of a whole tile would not fit in shared memory). Per tile, the state entering its
-upper half is recomputed from the saved state; then per half, upper first, pass 1 writes
-the state entering each of its tokens to shared memory (each thread only its own channel's
-column, so no barrier is needed) and pass 2 walks the half's tokens backwards, recomputing
-each token's decays and state from that history and running the adjoint
-g_{t-1} = exp(delta_t A) (g_t + dy_t C_t). Saving one state per 32 tokens rather than per
-16 costs those 16 recomputed tokens per tile and halves the largest activation a training
-step keeps. dB and dC are sums over channels: each token's 2N products are summed over a
-warp's 32 lanes by a butterfly reduce-scatter of warp shuffles, the four warps' rows are
-added once per half tile, and each block writes its partial sums, which XLA adds over the
-channel blocks. dA, dD and the dt
+Backward kernel: the same grid, walking tiles of `TILE` tokens in reverse. Per tile, pass 1
+walks the tile from its saved state and writes the state entering every `PAIR` (2) tokens
+to shared memory (each thread only its own channel's column, so no barrier is needed).
+Pass 2 runs the adjoint g_{t-1} = exp(delta_t A) (g_t + dy_t C_t) back through the tile a
+pair at a time: the pair's entering state comes from that history, the state between its
+tokens and the first token's decays are computed once and kept in registers, so each state
+and token costs two exp2 over both passes and the history one store and one load per pair.
+dB and dC are sums over channels: each token's 2N products are summed over a warp's 32
+lanes by a butterfly reduce-scatter of warp shuffles, the four warps' rows are added once
+per half tile, and each block writes its partial sums, which XLA adds over the channel
+blocks. dA, dD and the dt
 bias gradient are summed per thread over the sequence and over the batch by XLA.
 
 Document resets (`resets`, True at the first token of a document) enter as a per-token
@@ -64,7 +62,13 @@ __all__ = ["MAX_D_STATE", "TILE", "MosaicOptions", "device_reason", "mosaic_sele
 
 f32 = jnp.float32
 TILE = 32  # tokens per saved state, and per TMA tile of the backward
-HALF = TILE // 2  # tokens of the backward's state history (a whole tile's would not fit)
+HALF = TILE // 2  # tokens per d[B | C] warp-sums buffer of the backward (two per tile)
+# The backward keeps the state entering every PAIR-th token in shared memory, and the state
+# between a pair's tokens in registers: a whole tile's history then fits in shared memory
+# (PAIRS x N x 128 fp32, 128 KB at N = 16), with half the history stores and loads of one
+# entry per token. (Larger groups would hold more states in registers than a thread has.)
+PAIR = 2
+PAIRS = TILE // PAIR
 # Tokens per TMA tile of the forward: 32-token tiles made the forward 13% slower at
 # 8 x 2048 x 1536 on an H200 (benchmarks/HISTORY.md), so it saves every other tile's state.
 FWD_TILE = HALF
@@ -73,8 +77,7 @@ FWD_STAGES = 3  # tiles in flight in the forward
 BWD_STAGES = 2  # ... and in the backward, whose shared memory also holds the state history
 _SMEM_BYTES = 226 * 1024  # Hopper's 227 KB of shared memory per block, less Mosaic's own use
 FWD_UNROLL = 4  # tokens per iteration of the in-tile loops
-BWD_UNROLL = 2
-MAX_D_STATE = 16  # the backward's state history (HALF x N x 128 fp32) fills shared memory at 16
+MAX_D_STATE = 16  # the backward's state history (PAIRS x N x 128 fp32) fills shared memory at 16
 _WARP = 32
 _WARPS = BLOCK // _WARP
 _LOG2E = math.log2(math.e)
@@ -367,7 +370,7 @@ def _backward_stages(cfg: _Config, arrays: dict, lines: list[str]) -> int:
     state history and the warp sums, else one (fp32 inputs: no prefetch, slower, still right)."""
     width = 2 * cfg.d_state
     tile_bytes = TILE * (BLOCK * sum(jnp.dtype(arrays[name].dtype).itemsize for name in lines) + 4 * width + 4)
-    fixed_bytes = 4 * HALF * (cfg.d_state * BLOCK + 2 * _WARPS * width)
+    fixed_bytes = 4 * (PAIRS * cfg.d_state * BLOCK + 2 * _WARPS * HALF * width)
     return BWD_STAGES if fixed_bytes + BWD_STAGES * tile_bytes <= _SMEM_BYTES else 1
 
 
@@ -389,7 +392,7 @@ def _backward_call(cfg: _Config, arrays: dict):
                    per_state, per_channel, per_channel, per_state])
     stages = _backward_stages(cfg, arrays, lines)
     scratch_types = _tile_scratch(cfg, arrays, lines, stages, TILE)
-    scratch_types["history"] = plgpu.SMEM((HALF, n_state, BLOCK), f32)  # state entering each token
+    scratch_types["history"] = plgpu.SMEM((PAIRS, n_state, BLOCK), f32)  # state entering each pair
     # Per-warp sums of each token's products, one buffer per half tile, so that one barrier
     # per half orders both their writes and their reads.
     warp_rows = 1 if cfg.interpret else _WARPS
@@ -417,30 +420,26 @@ def _backward_call(cfg: _Config, arrays: dict):
             plgpu.barrier_wait(scratch["bars"].at[slot])
             bc = scratch["bc"].at[slot]
 
-            def forward_half(first, h, keep_history):
-                """The states through tokens first .. first + HALF - 1 of the tile, from h,
-                the state entering them; with `keep_history`, each token's entering state
-                goes to the history."""
+            def forward_tile(h):
+                """Walk the tile's TILE tokens from h, the state entering the tile, writing the
+                state entering every PAIR-th token to the history."""
 
-                def forward_token(t, h):
-                    if keep_history:
-                        for j in range(n_state):
-                            history[t - first, j, :] = h[j]
-                    tok = _Token(cfg, scratch, slot, t, bias)
-                    return tuple(jnp.exp2(tok.decay_delta * a2[j]) * h[j] + tok.du * bc[t, j]
-                                 for j in range(n_state))
-
-                def unrolled(i, h):
-                    for r in range(BWD_UNROLL):
-                        h = forward_token(first + i * BWD_UNROLL + r, h)
+                def one_pair(i, h):
+                    for j in range(n_state):
+                        history[i, j, :] = h[j]
+                    for t in (i * PAIR, i * PAIR + 1):
+                        tok = _Token(cfg, scratch, slot, t, bias)
+                        h = tuple(jnp.exp2(tok.decay_delta * a2[j]) * h[j] + tok.du * bc[t, j] for j in range(n_state))
                     return h
 
-                return lax.fori_loop(0, HALF // BWD_UNROLL, unrolled, h)
+                lax.fori_loop(0, PAIRS, one_pair, h)
 
-            def backward_token(t, first, parity, carry):
+            def backward_token(t, tok, h_prev, decays, first, parity, carry):
+                """The adjoint back through token t of the tile, from h_prev, the state entering
+                it (and its decays, when the caller has them); its d[B | C] warp sums go to
+                row t - first of buffer `parity`. Returns the carry and the state after t."""
                 g, (dA, dD, dbias) = carry
                 g, dA = list(g), list(dA)
-                tok = _Token(cfg, scratch, slot, t, bias)
                 dout = _line(scratch["dy"].at[slot, t]).astype(f32)
                 if cfg.has_z:
                     z = _line(scratch["z"].at[slot, t]).astype(f32)
@@ -454,16 +453,15 @@ def _backward_call(cfg: _Config, arrays: dict):
                 d_b, d_c = [], []
                 for j in range(n_state):
                     b_j, c_j = bc[t, j], bc[t, n_state + j]
-                    h_prev = _line(history.at[t - first, j])
-                    decay = jnp.exp2(tok.decay_delta * a2[j])
-                    h_j = decay * h_prev + tok.du * b_j
+                    decay = decays[j] if decays is not None else jnp.exp2(tok.decay_delta * a2[j])
+                    h_j = decay * h_prev[j] + tok.du * b_j
                     y = y + h_j * c_j
                     g_h = dy * c_j + g[j]  # d(loss) / d(h_t)
                     d_c.append(dy * h_j)
                     d_b.append(g_h * tok.du)
                     d_du = d_du + g_h * b_j
                     g[j] = g_h * decay  # d(loss) / d(h_{t-1})
-                    d_log_decay = g[j] * h_prev  # d(loss) / d(decay), times the decay
+                    d_log_decay = g[j] * h_prev[j]  # d(loss) / d(decay), times the decay
                     dA[j] = dA[j] + d_log_decay * tok.delta
                     d_decay_delta = d_decay_delta + d_log_decay * a2[j]
                 row = warp_sums.at[parity, :, pl.ds((t - first) * width, width)]
@@ -484,15 +482,22 @@ def _backward_call(cfg: _Config, arrays: dict):
                 return tuple(g), (tuple(dA), dD + dy * tok.u, dbias + d_delta)
 
             def backward_half(first, parity, carry):
-                """The adjoint back through tokens first + HALF - 1 .. first, whose entering
-                states are in the history; their d[B | C] warp sums go to buffer `parity`."""
+                """The adjoint back through tokens first + HALF - 1 .. first, a pair at a time:
+                the pair's entering state comes from the history, the state between its two
+                tokens and the first token's decays are computed once and kept in registers."""
 
-                def unrolled(i, carry):
-                    for r in range(BWD_UNROLL):
-                        carry = backward_token(first + HALF - 1 - (i * BWD_UNROLL + r), first, parity, carry)
-                    return carry
+                def one_pair(i, carry):
+                    pair = (first + HALF) // PAIR - 1 - i
+                    t = pair * PAIR
+                    h_first = [_line(history.at[pair, j]) for j in range(n_state)]
+                    tok_first = _Token(cfg, scratch, slot, t, bias)
+                    decays = [jnp.exp2(tok_first.decay_delta * a2[j]) for j in range(n_state)]
+                    h_second = [decays[j] * h_first[j] + tok_first.du * bc[t, j] for j in range(n_state)]
+                    carry = backward_token(t + 1, _Token(cfg, scratch, slot, t + 1, bias), h_second, None, first,
+                                           parity, carry)
+                    return backward_token(t, tok_first, h_first, decays, first, parity, carry)
 
-                return lax.fori_loop(0, HALF // BWD_UNROLL, unrolled, carry)
+                return lax.fori_loop(0, HALF // PAIR, one_pair, carry)
 
             def store_sums(first, parity):
                 total = None
@@ -501,18 +506,14 @@ def _backward_call(cfg: _Config, arrays: dict):
                     total = part if total is None else total + part
                 outs["dbc"][b, e_block, pl.ds((tile * TILE + first) * width, HALF * width)] = total
 
-            # The forward saved one state per tile; the history holds half a tile's. The
-            # upper half's entering state is recomputed from the tile's (16 tokens of the
-            # forward again, without history) and its adjoint runs first, then the lower
-            # half's. Saving a state per half tile instead would double the largest
-            # activation the training step keeps (fp32, B x L/TILE x N x E per layer).
-            h_start = tuple(_line(ins["states"].at[b, tile, j, cols]) for j in range(n_state))
-            h_mid = forward_half(0, h_start, keep_history=False)
-            forward_half(HALF, h_mid, keep_history=True)
+            # One walk through the tile from its saved state fills the history (a state per
+            # PAIR tokens); the adjoint then runs back through the upper half and the lower
+            # half, each half's d[B | C] warp sums in their own buffer, so that one barrier
+            # per half orders both their writes and their reads.
+            forward_tile(tuple(_line(ins["states"].at[b, tile, j, cols]) for j in range(n_state)))
             carry = backward_half(HALF, 0, carry)
             plgpu.commit_smem()  # every thread has written its warp's sums of the upper half
             store_sums(HALF, 0)
-            forward_half(0, h_start, keep_history=True)
             carry = backward_half(0, 1, carry)
             # Every thread is done reading the slot and has written its lower half's sums
             # (and read the upper half's: the next tile writes that buffer again).
