@@ -73,11 +73,17 @@ def assert_interpreted_like(x, mosaic, expected):
 
 
 @needs_gpu_interpreter
-@pytest.mark.parametrize("use_mask", [False, True])
-def test_mosaic_kernels_in_the_interpreter_match_reference(use_mask):
-    """A sequence that is not a whole number of tiles, padded channels and states."""
-    x = small_inputs(3, 1, 21, 100, 3)
-    mask = (jax.random.uniform(jax.random.PRNGKey(4), (1, 21)) > 0.3).astype(jnp.float32) if use_mask else None
+@pytest.mark.parametrize("use_mask,backward_stages", [(False, 2), (True, 1)])
+def test_mosaic_kernels_in_the_interpreter_match_reference(monkeypatch, use_mask, backward_stages):
+    """A sequence that is not a whole number of tiles (32 tokens, the backward takes each in
+    two halves), padded channels and states; the backward with a tile prefetched (bf16
+    inputs) and without (fp32 inputs on a GPU: two tiles do not fit in shared memory)."""
+    from biomamba_jax.model import scan_mosaic
+
+    monkeypatch.setattr(scan_mosaic, "_backward_stages", lambda *args: backward_stages)
+    scan_mosaic._backward_call.clear_cache()  # traced with the other stage count otherwise
+    x = small_inputs(3, 1, 45, 100, 3)
+    mask = (jax.random.uniform(jax.random.PRNGKey(4), (1, 45)) > 0.3).astype(jnp.float32) if use_mask else None
     mosaic = lambda x: mosaic_selective_scan(**x, delta_softplus=True, mask=mask, approx_math=False, _interpret=True)
     reference = lambda x: selective_scan(**x, delta_softplus=True, mask=mask, return_final_state=True,
                                          impl="reference")
@@ -86,8 +92,10 @@ def test_mosaic_kernels_in_the_interpreter_match_reference(use_mask):
 
 @needs_gpu_interpreter
 def test_mosaic_resets_in_the_interpreter_match_the_contract():
-    x = small_inputs(5, 2, 20, 128, 4)
-    resets = jnp.zeros((2, 20), bool).at[0, 0].set(True).at[0, 7].set(True).at[1, 16].set(True)
+    # Resets in both halves of a tile, at a half's first token and at a tile's.
+    x = small_inputs(5, 2, 40, 128, 4)
+    resets = jnp.zeros((2, 40), bool).at[0, 0].set(True).at[0, 7].set(True).at[0, 20].set(True)
+    resets = resets.at[1, 16].set(True).at[1, 32].set(True).at[1, 37].set(True)
     mosaic = lambda x: mosaic_selective_scan(**x, delta_softplus=True, resets=resets, approx_math=False,
                                              _interpret=True)
     assert_interpreted_like(x, mosaic, lambda x: scan_with_resets(**x, resets=resets))

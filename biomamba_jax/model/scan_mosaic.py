@@ -5,22 +5,27 @@ the GPU backend JAX keeps, and it reaches Hopper's copy engine (TMA) and mbarrie
 
 Forward kernel: one thread block (one warpgroup, 128 threads) per (128 channels, batch
 row), one channel per thread, the channel's N fp32 states in registers. The block walks
-the sequence in tiles of `TILE` tokens; each tile's rows of delta, u, z (128 channels)
-and of [B | C] (and the reset flags) come in by TMA, `FWD_STAGES` tiles ahead of the one
-being computed. Per token a thread applies the dt bias and softplus, runs its N state
+the sequence in tiles of `FWD_TILE` (16) tokens; each tile's rows of delta, u, z (128
+channels) and of [B | C] (and the reset flags) come in by TMA, `FWD_STAGES` tiles ahead of
+the one being computed. Per token a thread applies the dt bias and softplus, runs its N state
 updates (exp2 of A pre-scaled by log2(e)), contracts with C, adds the D skip and applies
 the SiLU gate, and writes its y straight to global memory; B and C are read from shared
 memory as values every thread of a warp shares. When a gradient is needed the forward
-also writes the state entering every tile (B, L / TILE, N, E).
+also writes the state entering every `TILE` (32) tokens, every other tile (B, L / TILE,
+N, E): the largest activation a training step keeps, half of what a state per tile would
+be.
 
-Backward kernel: the same grid, walking tiles in reverse. Per tile, pass 1 restarts from
-the saved state and writes the state entering every token of the tile to shared memory
-(each thread only its own channel's column, so no barrier is needed); pass 2 walks the
-tile's tokens backwards, recomputing each token's decays and state from that history and
-running the adjoint g_{t-1} = exp(delta_t A) (g_t + dy_t C_t). dB and dC are sums over
-channels: each token's 2N products are summed over a warp's 32 lanes by a butterfly
-reduce-scatter of warp shuffles, the four warps' rows are added once per tile, and each
-block writes its partial sums, which XLA adds over the channel blocks. dA, dD and the dt
+Backward kernel: the same grid, walking tiles of `TILE` tokens in reverse. Per tile, pass 1
+walks the tile from its saved state and writes the state entering every `PAIR` (2) tokens
+to shared memory (each thread only its own channel's column, so no barrier is needed).
+Pass 2 runs the adjoint g_{t-1} = exp(delta_t A) (g_t + dy_t C_t) back through the tile a
+pair at a time: the pair's entering state comes from that history, the state between its
+tokens and the first token's decays are computed once and kept in registers, so each state
+and token costs two exp2 over both passes and the history one store and one load per pair.
+dB and dC are sums over channels: each token's 2N products are summed over a warp's 32
+lanes by a butterfly reduce-scatter of warp shuffles, the four warps' rows are added once
+per half tile, and each block writes its partial sums, which XLA adds over the channel
+blocks. dA, dD and the dt
 bias gradient are summed per thread over the sequence and over the batch by XLA.
 
 Document resets (`resets`, True at the first token of a document) enter as a per-token
@@ -56,13 +61,23 @@ from biomamba_jax.model.scan_options import MosaicOptions
 __all__ = ["MAX_D_STATE", "TILE", "MosaicOptions", "device_reason", "mosaic_selective_scan", "unsupported_reason"]
 
 f32 = jnp.float32
-TILE = 16  # tokens per TMA tile; the forward saves the state entering every tile
+TILE = 32  # tokens per saved state, and per TMA tile of the backward
+HALF = TILE // 2  # tokens per d[B | C] warp-sums buffer of the backward (two per tile)
+# The backward keeps the state entering every PAIR-th token in shared memory, and the state
+# between a pair's tokens in registers: a whole tile's history then fits in shared memory
+# (PAIRS x N x 128 fp32, 128 KB at N = 16), with half the history stores and loads of one
+# entry per token. (Larger groups would hold more states in registers than a thread has.)
+PAIR = 2
+PAIRS = TILE // PAIR
+# Tokens per TMA tile of the forward: 32-token tiles made the forward 13% slower at
+# 8 x 2048 x 1536 on an H200 (benchmarks/HISTORY.md), so it saves every other tile's state.
+FWD_TILE = HALF
 BLOCK = 128  # channels per thread block: one per thread of a warpgroup
 FWD_STAGES = 3  # tiles in flight in the forward
-BWD_STAGES = 2  # ... and in the backward, whose shared memory also holds a tile of states
+BWD_STAGES = 2  # ... and in the backward, whose shared memory also holds the state history
+_SMEM_BYTES = 226 * 1024  # Hopper's 227 KB of shared memory per block, less Mosaic's own use
 FWD_UNROLL = 4  # tokens per iteration of the in-tile loops
-BWD_UNROLL = 2
-MAX_D_STATE = 16  # the backward's state history (TILE x N x 128 fp32) fills shared memory at 16
+MAX_D_STATE = 16  # the backward's state history (PAIRS x N x 128 fp32) fills shared memory at 16
 _WARP = 32
 _WARPS = BLOCK // _WARP
 _LOG2E = math.log2(math.e)
@@ -70,10 +85,6 @@ _LN2 = math.log(2.0)
 _MASKED_RAW_DELTA = -1.0e4  # softplus(-1e4 + bias) is exactly 0 in fp32
 _RESET_PENALTY = 1.0e30  # added to delta in the decay of a reset token: exp2(-huge) = 0
 _LINE = plgpu.Layout.WG_STRIDED((BLOCK,), vec_size=1)  # thread i holds channel i
-# Reset penalties travel as one 128-byte row per tile (the first TILE floats used): TMA
-# writes shared memory at 128-byte aligned addresses, and under the Lane semantics a copy
-# must move a multiple of 128 bytes (one per thread of the warpgroup).
-_PEN_ROW = max(TILE, 32)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -175,37 +186,43 @@ def _line_inputs(cfg: _Config, with_dy: bool) -> list[str]:
     return ["delta", "u"] + (["z"] if cfg.has_z else []) + (["dy"] if with_dy else [])
 
 
-def _tile_scratch(cfg: _Config, arrays: dict, lines: list[str], stages: int) -> dict:
-    scratch = {name: plgpu.SMEM((stages, TILE, BLOCK), arrays[name].dtype) for name in lines}
-    scratch["bc"] = plgpu.SMEM((stages, TILE, 2 * cfg.d_state), f32)
+def _tile_scratch(cfg: _Config, arrays: dict, lines: list[str], stages: int, tokens: int) -> dict:
+    """Shared memory for `stages` tiles of `tokens` tokens in flight."""
+    scratch = {name: plgpu.SMEM((stages, tokens, BLOCK), arrays[name].dtype) for name in lines}
+    scratch["bc"] = plgpu.SMEM((stages, tokens, 2 * cfg.d_state), f32)
     if cfg.has_resets:
-        scratch["pen"] = plgpu.SMEM((stages, _PEN_ROW), f32)
+        # Penalties travel as the 128-byte row of the TILE tokens around the tile (a forward
+        # tile reads half of it): TMA writes shared memory at 128-byte aligned addresses,
+        # and a copy under the Lane semantics moves a multiple of 128 bytes (one per thread
+        # of the warpgroup).
+        scratch["pen"] = plgpu.SMEM((stages, TILE), f32)
     copies = len(lines) + 1 + int(cfg.has_resets)
     scratch["bars"] = plgpu.Barrier(num_arrivals=copies, num_barriers=stages)
     return scratch
 
 
-def _fetch(cfg: _Config, ins: dict, scratch: dict, lines: list[str], b, cols, tile, slot):
-    """Start the TMA copies of tile `tile` into slot `slot`."""
-    rows = pl.ds(tile * TILE, TILE)
+def _fetch(cfg: _Config, ins: dict, scratch: dict, lines: list[str], b, cols, tile, slot, tokens: int):
+    """Start the TMA copies of tile `tile` (of `tokens` tokens) into slot `slot`."""
+    rows = pl.ds(tile * tokens, tokens)
     bar = scratch["bars"].at[slot]
     for name in lines:
         plgpu.copy_gmem_to_smem(ins[name].at[b, rows, cols], scratch[name].at[slot], bar)
     plgpu.copy_gmem_to_smem(ins["bc"].at[b, rows], scratch["bc"].at[slot], bar)
     if cfg.has_resets:
-        plgpu.copy_gmem_to_smem(ins["pen"].at[b, tile], scratch["pen"].at[slot], bar)
+        pen_rows = pl.ds(lax.div(tile, TILE // tokens) * TILE, TILE)
+        plgpu.copy_gmem_to_smem(ins["pen"].at[b, pen_rows], scratch["pen"].at[slot], bar)
 
 
 class _Token:
     """What every token of a tile needs, read from a tile slot: the pre-bias delta x, delta,
     u, delta * u and the delta the decay uses (delta plus the reset penalty)."""
 
-    def __init__(self, cfg: _Config, scratch: dict, slot, t, bias):
+    def __init__(self, cfg: _Config, scratch: dict, slot, t, bias, pen_offset=0):
         self.x = _line(scratch["delta"].at[slot, t]).astype(f32) + bias
         self.delta = _softplus(self.x) if cfg.softplus else self.x
         self.u = _line(scratch["u"].at[slot, t]).astype(f32)
         self.du = self.delta * self.u
-        self.decay_delta = self.delta + scratch["pen"][slot, t] if cfg.has_resets else self.delta
+        self.decay_delta = self.delta + scratch["pen"][slot, pen_offset + t] if cfg.has_resets else self.delta
 
 
 def _in_names(cfg: _Config) -> list[str]:
@@ -221,15 +238,15 @@ def _in_names(cfg: _Config) -> list[str]:
 @functools.partial(jax.jit, static_argnums=(0, 1))  # one lowering per configuration and call site shape
 def _forward_call(cfg: _Config, save_states: bool, arrays: dict):
     """y (B, L, E) in u's dtype, the final state (B, N, E) fp32 and, with `save_states`,
-    the state entering every tile (B, L / TILE, N, E)."""
-    n_state, tiles = cfg.d_state, cfg.tiles
+    the state entering every TILE tokens (B, L / TILE, N, E)."""
+    n_state, tiles = cfg.d_state, cfg.tiles * (TILE // FWD_TILE)
     in_names = _in_names(cfg)
     lines = _line_inputs(cfg, with_dy=False)
     out_type = [jax.ShapeDtypeStruct((cfg.batch, cfg.length, cfg.channels), arrays["u"].dtype),
                 jax.ShapeDtypeStruct((cfg.batch, n_state, cfg.channels), f32)]
     if save_states:
-        out_type.append(jax.ShapeDtypeStruct((cfg.batch, tiles, n_state, cfg.channels), f32))
-    scratch_types = _tile_scratch(cfg, arrays, lines, FWD_STAGES)
+        out_type.append(jax.ShapeDtypeStruct((cfg.batch, cfg.tiles, n_state, cfg.channels), f32))
+    scratch_types = _tile_scratch(cfg, arrays, lines, FWD_STAGES, FWD_TILE)
 
     def body(*refs, **scratch):
         ins = dict(zip(in_names, refs))
@@ -238,7 +255,7 @@ def _forward_call(cfg: _Config, save_states: bool, arrays: dict):
         e_block, b = lax.axis_index("e"), lax.axis_index("b")
         cols = pl.ds(e_block * BLOCK, BLOCK)
         for tile in range(min(FWD_STAGES, tiles)):
-            _fetch(cfg, ins, scratch, lines, b, cols, tile, tile)
+            _fetch(cfg, ins, scratch, lines, b, cols, tile, tile, FWD_TILE)
         bias = _line(ins["bias"].at[cols])
         dskip = _line(ins["dskip"].at[cols])
         a2 = [_line(ins["a2t"].at[j, cols]) for j in range(n_state)]
@@ -246,14 +263,19 @@ def _forward_call(cfg: _Config, save_states: bool, arrays: dict):
 
         def one_tile(tile, h):
             slot = lax.rem(tile, FWD_STAGES)
+            half = lax.rem(tile, TILE // FWD_TILE)  # which part of its TILE tokens this tile is
             if save_states:
-                for j in range(n_state):
-                    states_ref[b, tile, j, cols] = h[j]
+
+                @pl.when(half == 0)
+                def _():
+                    for j in range(n_state):
+                        states_ref[b, lax.div(tile, TILE // FWD_TILE), j, cols] = h[j]
+
             plgpu.barrier_wait(scratch["bars"].at[slot])
             bc = scratch["bc"].at[slot]
 
             def one_token(t, h):
-                tok = _Token(cfg, scratch, slot, t, bias)
+                tok = _Token(cfg, scratch, slot, t, bias, pen_offset=half * FWD_TILE)
                 y = dskip * tok.u
                 h = list(h)
                 for j in range(n_state):
@@ -263,7 +285,7 @@ def _forward_call(cfg: _Config, save_states: bool, arrays: dict):
                 if cfg.has_z:
                     z = _line(scratch["z"].at[slot, t]).astype(f32)
                     y = y * (z * jax.nn.sigmoid(z))
-                y_ref[b, tile * TILE + t, cols] = y.astype(y_ref.dtype)
+                y_ref[b, tile * FWD_TILE + t, cols] = y.astype(y_ref.dtype)
                 return tuple(h)
 
             def unrolled(i, h):
@@ -271,12 +293,12 @@ def _forward_call(cfg: _Config, save_states: bool, arrays: dict):
                     h = one_token(i * FWD_UNROLL + r, h)
                 return h
 
-            h = lax.fori_loop(0, TILE // FWD_UNROLL, unrolled, h)
+            h = lax.fori_loop(0, FWD_TILE // FWD_UNROLL, unrolled, h)
             plgpu.commit_smem()  # every thread is done with this slot: refill it
 
             @pl.when(tile + FWD_STAGES < tiles)
             def _():
-                _fetch(cfg, ins, scratch, lines, b, cols, tile + FWD_STAGES, slot)
+                _fetch(cfg, ins, scratch, lines, b, cols, tile + FWD_STAGES, slot, FWD_TILE)
 
             return h
 
@@ -343,6 +365,15 @@ def _lane_sums_store(ref, products):
     store(ref, *products)
 
 
+def _backward_stages(cfg: _Config, arrays: dict, lines: list[str]) -> int:
+    """Tiles in flight in the backward: BWD_STAGES when they fit in shared memory beside the
+    state history and the warp sums, else one (fp32 inputs: no prefetch, slower, still right)."""
+    width = 2 * cfg.d_state
+    tile_bytes = TILE * (BLOCK * sum(jnp.dtype(arrays[name].dtype).itemsize for name in lines) + 4 * width + 4)
+    fixed_bytes = 4 * (PAIRS * cfg.d_state * BLOCK + 2 * _WARPS * HALF * width)
+    return BWD_STAGES if fixed_bytes + BWD_STAGES * tile_bytes <= _SMEM_BYTES else 1
+
+
 @functools.partial(jax.jit, static_argnums=0)
 def _backward_call(cfg: _Config, arrays: dict):
     """Cotangents of the kernel inputs: d(delta), du, dz (B, L, E) in their dtypes, d[B | C]
@@ -359,13 +390,14 @@ def _backward_call(cfg: _Config, arrays: dict):
     out_type = ([line_out("delta"), line_out("u")] + ([line_out("z")] if cfg.has_z else [])
                 + [jax.ShapeDtypeStruct((cfg.batch, blocks, cfg.length * width), f32),
                    per_state, per_channel, per_channel, per_state])
-    scratch_types = _tile_scratch(cfg, arrays, lines, BWD_STAGES)
-    scratch_types["history"] = plgpu.SMEM((TILE, n_state, BLOCK), f32)  # state entering each token
-    # Per-warp sums of each token's products, double-buffered by tile so that one barrier
-    # per tile orders both their writes and their reads.
+    stages = _backward_stages(cfg, arrays, lines)
+    scratch_types = _tile_scratch(cfg, arrays, lines, stages, TILE)
+    scratch_types["history"] = plgpu.SMEM((PAIRS, n_state, BLOCK), f32)  # state entering each pair
+    # Per-warp sums of each token's products, one buffer per half tile, so that one barrier
+    # per half orders both their writes and their reads.
     warp_rows = 1 if cfg.interpret else _WARPS
-    scratch_types["warp_sums"] = plgpu.SMEM((2, warp_rows, TILE * width), f32)
-    sums_line = plgpu.Layout.WG_STRIDED((TILE * width,), vec_size=1)
+    scratch_types["warp_sums"] = plgpu.SMEM((2, warp_rows, HALF * width), f32)
+    sums_line = plgpu.Layout.WG_STRIDED((HALF * width,), vec_size=1)
 
     def body(*refs, **scratch):
         ins = dict(zip(in_names, refs))
@@ -373,8 +405,8 @@ def _backward_call(cfg: _Config, arrays: dict):
         history, warp_sums = scratch["history"], scratch["warp_sums"]
         e_block, b = lax.axis_index("e"), lax.axis_index("b")
         cols = pl.ds(e_block * BLOCK, BLOCK)
-        for step in range(min(BWD_STAGES, tiles)):
-            _fetch(cfg, ins, scratch, lines, b, cols, tiles - 1 - step, step)
+        for step in range(min(stages, tiles)):
+            _fetch(cfg, ins, scratch, lines, b, cols, tiles - 1 - step, step, TILE)
         bias = _line(ins["bias"].at[cols])
         dskip = _line(ins["dskip"].at[cols])
         a2 = [_line(ins["a2t"].at[j, cols]) for j in range(n_state)]
@@ -384,29 +416,30 @@ def _backward_call(cfg: _Config, arrays: dict):
 
         def one_tile(step, carry):
             tile = tiles - 1 - step
-            slot = lax.rem(step, BWD_STAGES)
-            parity = lax.rem(step, 2)
+            slot = lax.rem(step, stages)
             plgpu.barrier_wait(scratch["bars"].at[slot])
             bc = scratch["bc"].at[slot]
 
-            def forward_token(t, h):
-                for j in range(n_state):
-                    history[t, j, :] = h[j]
-                tok = _Token(cfg, scratch, slot, t, bias)
-                return tuple(jnp.exp2(tok.decay_delta * a2[j]) * h[j] + tok.du * bc[t, j] for j in range(n_state))
+            def forward_tile(h):
+                """Walk the tile's TILE tokens from h, the state entering the tile, writing the
+                state entering every PAIR-th token to the history."""
 
-            def forward_unrolled(i, h):
-                for r in range(BWD_UNROLL):
-                    h = forward_token(i * BWD_UNROLL + r, h)
-                return h
+                def one_pair(i, h):
+                    for j in range(n_state):
+                        history[i, j, :] = h[j]
+                    for t in (i * PAIR, i * PAIR + 1):
+                        tok = _Token(cfg, scratch, slot, t, bias)
+                        h = tuple(jnp.exp2(tok.decay_delta * a2[j]) * h[j] + tok.du * bc[t, j] for j in range(n_state))
+                    return h
 
-            h = tuple(_line(ins["states"].at[b, tile, j, cols]) for j in range(n_state))
-            lax.fori_loop(0, TILE // BWD_UNROLL, forward_unrolled, h)
+                lax.fori_loop(0, PAIRS, one_pair, h)
 
-            def backward_token(t, carry):
+            def backward_token(t, tok, h_prev, decays, first, parity, carry):
+                """The adjoint back through token t of the tile, from h_prev, the state entering
+                it (and its decays, when the caller has them); its d[B | C] warp sums go to
+                row t - first of buffer `parity`. Returns the carry and the state after t."""
                 g, (dA, dD, dbias) = carry
                 g, dA = list(g), list(dA)
-                tok = _Token(cfg, scratch, slot, t, bias)
                 dout = _line(scratch["dy"].at[slot, t]).astype(f32)
                 if cfg.has_z:
                     z = _line(scratch["z"].at[slot, t]).astype(f32)
@@ -420,19 +453,18 @@ def _backward_call(cfg: _Config, arrays: dict):
                 d_b, d_c = [], []
                 for j in range(n_state):
                     b_j, c_j = bc[t, j], bc[t, n_state + j]
-                    h_prev = _line(history.at[t, j])
-                    decay = jnp.exp2(tok.decay_delta * a2[j])
-                    h_j = decay * h_prev + tok.du * b_j
+                    decay = decays[j] if decays is not None else jnp.exp2(tok.decay_delta * a2[j])
+                    h_j = decay * h_prev[j] + tok.du * b_j
                     y = y + h_j * c_j
                     g_h = dy * c_j + g[j]  # d(loss) / d(h_t)
                     d_c.append(dy * h_j)
                     d_b.append(g_h * tok.du)
                     d_du = d_du + g_h * b_j
                     g[j] = g_h * decay  # d(loss) / d(h_{t-1})
-                    d_log_decay = g[j] * h_prev  # d(loss) / d(decay), times the decay
+                    d_log_decay = g[j] * h_prev[j]  # d(loss) / d(decay), times the decay
                     dA[j] = dA[j] + d_log_decay * tok.delta
                     d_decay_delta = d_decay_delta + d_log_decay * a2[j]
-                row = warp_sums.at[parity, :, pl.ds(t * width, width)]
+                row = warp_sums.at[parity, :, pl.ds((t - first) * width, width)]
                 if cfg.interpret:  # the interpreter runs no warp shuffles: sum the whole block
                     for k, p in enumerate(d_b + d_c):
                         row[0, k] = jnp.sum(p)
@@ -449,24 +481,49 @@ def _backward_call(cfg: _Config, arrays: dict):
                 outs["du"][b, tok_index, cols] = (dy * dskip + d_du * tok.delta).astype(outs["du"].dtype)
                 return tuple(g), (tuple(dA), dD + dy * tok.u, dbias + d_delta)
 
-            def backward_unrolled(i, carry):
-                for r in range(BWD_UNROLL):
-                    carry = backward_token(TILE - 1 - (i * BWD_UNROLL + r), carry)
-                return carry
+            def backward_half(first, parity, carry):
+                """The adjoint back through tokens first + HALF - 1 .. first, a pair at a time:
+                the pair's entering state comes from the history, the state between its two
+                tokens and the first token's decays are computed once and kept in registers."""
 
-            carry = lax.fori_loop(0, TILE // BWD_UNROLL, backward_unrolled, carry)
-            # Every thread is done reading the slot and has written its warp's sums.
+                def one_pair(i, carry):
+                    pair = (first + HALF) // PAIR - 1 - i
+                    t = pair * PAIR
+                    h_first = [_line(history.at[pair, j]) for j in range(n_state)]
+                    tok_first = _Token(cfg, scratch, slot, t, bias)
+                    decays = [jnp.exp2(tok_first.decay_delta * a2[j]) for j in range(n_state)]
+                    h_second = [decays[j] * h_first[j] + tok_first.du * bc[t, j] for j in range(n_state)]
+                    carry = backward_token(t + 1, _Token(cfg, scratch, slot, t + 1, bias), h_second, None, first,
+                                           parity, carry)
+                    return backward_token(t, tok_first, h_first, decays, first, parity, carry)
+
+                return lax.fori_loop(0, HALF // PAIR, one_pair, carry)
+
+            def store_sums(first, parity):
+                total = None
+                for w in range(warp_rows):
+                    part = _load(warp_sums.at[parity, w], sums_line)
+                    total = part if total is None else total + part
+                outs["dbc"][b, e_block, pl.ds((tile * TILE + first) * width, HALF * width)] = total
+
+            # One walk through the tile from its saved state fills the history (a state per
+            # PAIR tokens); the adjoint then runs back through the upper half and the lower
+            # half, each half's d[B | C] warp sums in their own buffer, so that one barrier
+            # per half orders both their writes and their reads.
+            forward_tile(tuple(_line(ins["states"].at[b, tile, j, cols]) for j in range(n_state)))
+            carry = backward_half(HALF, 0, carry)
+            plgpu.commit_smem()  # every thread has written its warp's sums of the upper half
+            store_sums(HALF, 0)
+            carry = backward_half(0, 1, carry)
+            # Every thread is done reading the slot and has written its lower half's sums
+            # (and read the upper half's: the next tile writes that buffer again).
             plgpu.commit_smem()
 
-            @pl.when(step + BWD_STAGES < tiles)
+            @pl.when(step + stages < tiles)
             def _():
-                _fetch(cfg, ins, scratch, lines, b, cols, tile - BWD_STAGES, slot)
+                _fetch(cfg, ins, scratch, lines, b, cols, tile - stages, slot, TILE)
 
-            total = None
-            for w in range(warp_rows):
-                part = _load(warp_sums.at[parity, w], sums_line)
-                total = part if total is None else total + part
-            outs["dbc"][b, e_block, pl.ds(tile * TILE * width, TILE * width)] = total
+            store_sums(0, 1)
             return carry
 
         g, (dA, dD, dbias) = lax.fori_loop(0, tiles, one_tile, (g0, sums0))
@@ -595,9 +652,7 @@ def mosaic_selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, de
     bc = jnp.concatenate([pad(B.astype(f32), last=n_extra), pad(C.astype(f32), last=n_extra)], axis=-1)
     pen = None
     if resets is not None:
-        pen = jnp.where(resets.astype(bool), _RESET_PENALTY, 0.0).astype(f32)
-        pen = jnp.pad(pen, [(0, 0), (0, l_extra)]).reshape(batch, tiles, TILE)
-        pen = jnp.pad(pen, [(0, 0), (0, 0), (0, _PEN_ROW - TILE)])
+        pen = jnp.pad(jnp.where(resets.astype(bool), _RESET_PENALTY, 0.0).astype(f32), [(0, 0), (0, l_extra)])
     per_channel = lambda x: jnp.zeros((e_pad,), f32) if x is None else pad(x.astype(f32), length_axis=None,
                                                                             last=e_extra)
     a_t = jnp.pad(A.astype(f32).T, [(0, n_extra), (0, e_extra)])
