@@ -159,12 +159,12 @@ def test_mosaic_resets_match_the_contract():
 @on_hopper
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_mosaic_cuts_few_long_rows_into_segments_and_matches_the_contract(dtype):
-    """One row of 4,100 tokens in 2 channel blocks: `segment_count` cuts it in 4 or more on
-    any GPU of 16 or more multiprocessors (the last segment padded), with resets inside
-    segments and at the second segment's first token."""
+    """One row of 5,000 tokens in 3 channel blocks: `segment_count` cuts it in 4 or more on
+    any GPU of 16 or more multiprocessors (9 on an H100 or H200: an odd count, the last
+    segment padded), with resets inside segments and at the second segment's first token."""
     from biomamba_jax.model.scan_mosaic import TILE, mosaic_selective_scan, segment_count
 
-    shape = (1, 4100, 256, 16)
+    shape = (1, 5000, 384, 16)
     segments = segment_count(shape[0], shape[1], shape[2])
     assert segments >= 4
     segment_length = -(-shape[1] // (segments * TILE)) * TILE

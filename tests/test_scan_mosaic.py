@@ -137,7 +137,8 @@ def test_segment_count_fills_the_gpu_only_where_it_gains():
     from biomamba_jax.model.scan_mosaic import segment_count
 
     assert segment_count(8, 2048, 1536, multiprocessors=132) == 1  # 96 blocks already
-    assert segment_count(1, 16384, 1536, multiprocessors=132) == 8  # 12 blocks -> 96
+    assert segment_count(1, 16384, 1536, multiprocessors=132) == 11  # 12 blocks -> 132, one wave
+    assert segment_count(2, 16384, 1536, multiprocessors=132) == 5  # 24 blocks -> 120
     assert segment_count(1, 65536, 4096, multiprocessors=132) == 4  # 32 blocks -> 128
     assert segment_count(4, 16384, 1536, multiprocessors=132) == 1  # 2 segments would not gain
     assert segment_count(1, 1024, 1536, multiprocessors=132) == 1  # too short to cut

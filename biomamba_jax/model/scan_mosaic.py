@@ -595,14 +595,12 @@ def segment_count(batch: int, length: int, channels: int, multiprocessors: Optio
     """How many segments each row is cut into (1: none). A thread block walks its row's whole
     sequence, so batch x channel blocks below the GPU's multiprocessor count leave some idle
     (B=1, E=1536: 12 blocks of 132). Cut into S segments, the scan runs twice, each time
-    over L / S tokens in S times as many blocks: a gain from S = 4 on (2x), as long as the
-    blocks still fit in one wave."""
+    over L / S tokens in S times as many blocks: the most segments that still fit one wave
+    (B=1, E=1536: 11, 132 blocks), and only from S = 4 on, where the two passes gain 2x."""
     if multiprocessors is None:
         multiprocessors = getattr(jax.devices()[0], "core_count", None) or _DEFAULT_SMS
     blocks = batch * -(-channels // BLOCK)
-    segments = 1
-    while blocks * segments * 2 <= multiprocessors and length // (segments * 2) >= _MIN_SEGMENT:
-        segments *= 2
+    segments = min(multiprocessors // blocks, length // _MIN_SEGMENT)
     return segments if segments >= 4 else 1
 
 
